@@ -1,0 +1,3 @@
+from edgeterm.cli import main
+
+main()

@@ -1,0 +1,593 @@
+"""Load and validate the TOML config file into the frozen dataclasses of ``edgeterm.config``.
+
+Validation is all-or-nothing: every problem in the file is collected, then reported at once as one
+``ConfigError`` whose lines read ``<file>: <key path>: <what is wrong>``. Nothing here opens the
+files the config names (certificates, ticket keys); their loaders check them with better messages.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Final, Literal, TypeVar
+
+from edgeterm.config import (
+    Address,
+    BalanceMode,
+    CertificateConfig,
+    Config,
+    LimitsConfig,
+    ListenerConfig,
+    ServerConfig,
+    TelemetryConfig,
+    TicketsConfig,
+    TimeoutsConfig,
+    TlsConfig,
+    TlsVersionName,
+    UpstreamConfig,
+)
+from edgeterm.errors import ConfigError
+
+__all__ = ["load_config", "parse_address"]
+
+T = TypeVar("T")
+D = TypeVar("D")
+
+_MISSING: Final = object()
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]+")
+_BARE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
+_PORT_RE: Final = re.compile(r"[0-9]{1,5}")
+_HOSTNAME_RE: Final = re.compile(
+    r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+)
+_TLS_VERSIONS: Final[dict[str, TlsVersionName]] = {"TLSv1.2": "TLSv1.2", "TLSv1.3": "TLSv1.3"}
+_BALANCE_MODES: Final[dict[str, BalanceMode]] = {"round_robin": "round_robin"}
+
+
+# --- addresses ---------------------------------------------------------------------------------
+
+
+def parse_address(text: str, *, allow_port_zero: bool = False) -> Address:
+    """Parse ``host:port`` or ``[v6]:port`` into an ``Address`` with a numeric host.
+
+    A host name is resolved once, here (first ``getaddrinfo`` result). Port 0 ("pick a free port")
+    is accepted only with ``allow_port_zero`` (listeners). Raises ``ValueError`` with a message
+    suitable for a config error line.
+    """
+    shown = _quote(text)
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1 or text[end + 1 : end + 2] != ":":
+            raise ValueError(f"expected host:port, got {shown}")
+        host, port_text = text[1:end], text[end + 2 :]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"expected host:port, got {shown}")
+        if ":" in host:
+            raise ValueError(f"an IPv6 address needs brackets, as in [::1]:8443; got {shown}")
+    if not host:
+        raise ValueError(f"missing host in {shown} (use 0.0.0.0 or [::] for all addresses)")
+    if not _PORT_RE.fullmatch(port_text):
+        raise ValueError(f"expected host:port with a numeric port, got {shown}")
+    port, lowest = int(port_text), 0 if allow_port_zero else 1
+    if not lowest <= port <= 65535:
+        raise ValueError(f"port {port} out of range {lowest}..65535 in {shown}")
+    return _resolve(host, port, bracketed=text.startswith("["), shown=shown)
+
+
+def _resolve(host: str, port: int, *, bracketed: bool, shown: str) -> Address:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        if bracketed != (ip.version == 6):
+            raise ValueError(f"brackets are for IPv6 addresses only, got {shown}")
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        return Address(str(ip), port, family)
+    if bracketed:
+        raise ValueError(f"brackets are for IPv6 addresses only, got {shown}")
+    if not _HOSTNAME_RE.fullmatch(host):
+        raise ValueError(f"invalid host name {_quote(host)}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"cannot resolve host {_quote(host)}: {reason}") from None
+    for family, _type, _proto, _canon, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            return Address(str(sockaddr[0]), port, socket.AddressFamily(family))
+    raise ValueError(f"host {_quote(host)} has no IPv4 or IPv6 address")
+
+
+def _overlaps(a: Address, b: Address) -> bool:
+    """Whether two listeners would fight over the same port (equal, or one is the wildcard)."""
+    if a.port == 0 or a.port != b.port or a.family != b.family:
+        return False
+    return (
+        a.host == b.host
+        or ipaddress.ip_address(a.host).is_unspecified
+        or (ipaddress.ip_address(b.host).is_unspecified)
+    )
+
+
+# --- describing values -------------------------------------------------------------------------
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    """A double-quoted, single-line rendering of user text (error lines must stay one line)."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    quoted = json.dumps(text, ensure_ascii=False)
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in quoted)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}" if abs(value) < 10**30 else "a very large integer"
+    if isinstance(value, float):
+        return f"float {value!r}"
+    if isinstance(value, str):
+        return f"string {_quote(value)}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__  # TOML dates and times
+
+
+def _expected(what: str, value: object) -> str:
+    return f"expected {what}, got {_describe(value)}"
+
+
+def _key_path(parent: str, key: str) -> str:
+    shown = key if _BARE_KEY_RE.fullmatch(key) else _quote(key, limit=40)
+    return f"{parent}.{shown}" if parent else shown
+
+
+# --- validators: functions from a TOML value to a typed value, raising _Invalid ----------------
+
+
+class _Invalid(Exception):
+    """A value is wrong; ``problems`` holds (key path suffix, message) pairs."""
+
+    def __init__(self, message: str, suffix: str = "") -> None:
+        super().__init__(message)
+        self.problems = [(suffix, message)]
+
+    @classmethod
+    def many(cls, problems: list[tuple[str, str]]) -> _Invalid:
+        invalid = cls(problems[0][1], problems[0][0])
+        invalid.problems = problems
+        return invalid
+
+
+Validator = Callable[[object], T]
+
+
+def _integer(lo: int, hi: int | None = None) -> Validator[int]:
+    def check(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(_expected("an integer", value))
+        if value < lo or (hi is not None and value > hi):
+            bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            raise _Invalid(f"must be {bounds}, got {_describe(value)}")
+        return value
+
+    return check
+
+
+def _number(
+    *, positive: bool = False, lo: float | None = None, hi: float | None = None
+) -> Validator[float]:
+    def check(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Invalid(_expected("a number", value))
+        try:
+            number = float(value)
+        except OverflowError:
+            raise _Invalid(f"number out of range, got {_describe(value)}") from None
+        if not math.isfinite(number):
+            raise _Invalid(f"must be a finite number, got {_describe(value)}")
+        if positive and number <= 0:
+            raise _Invalid(f"must be > 0, got {_describe(value)}")
+        if (lo is not None and number < lo) or (hi is not None and number > hi):
+            raise _Invalid(f"must be between {lo} and {hi}, got {_describe(value)}")
+        return number
+
+    return check
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(_expected("a boolean (true or false)", value))
+    return value
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(_expected("a string", value))
+    return value
+
+
+def _non_empty_string(value: object) -> str:
+    text = _string(value)
+    if not text:
+        raise _Invalid("must not be empty")
+    return text
+
+
+def _optional_string(value: object) -> str | None:
+    return _string(value) or None
+
+
+def _name(value: object) -> str:
+    text = _string(value)
+    if not _NAME_RE.fullmatch(text):
+        raise _Invalid(_bad_name(text))
+    return text
+
+
+def _bad_name(name: str) -> str:
+    return f'invalid name {_quote(name)}: use only letters, digits, "_", "." and "-"'
+
+
+def _choice(choices: Mapping[str, T]) -> Validator[T]:
+    def check(value: object) -> T:
+        text = _string(value)
+        if text not in choices:
+            allowed = ", ".join(_quote(c) for c in choices)
+            raise _Invalid(f"expected one of {allowed}, got {_quote(text)}")
+        return choices[text]
+
+    return check
+
+
+def _path(base: Path) -> Validator[Path]:
+    """A file path; relative paths resolve against ``base`` (the config file's directory)."""
+
+    def check(value: object) -> Path:
+        text = _string(value)
+        if not text:
+            raise _Invalid("must not be empty")
+        if "\0" in text:
+            raise _Invalid("a path cannot contain a NUL character")
+        return base / text
+
+    return check
+
+
+def _optional_path(base: Path) -> Validator[Path | None]:
+    """A path, or "" for none."""
+    as_path = _path(base)
+    return lambda value: None if value == "" else as_path(value)
+
+
+def _address(*, allow_port_zero: bool) -> Validator[Address]:
+    def check(value: object) -> Address:
+        try:
+            return parse_address(_string(value), allow_port_zero=allow_port_zero)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+
+    return check
+
+
+def _workers(value: object) -> int | Literal["auto"]:
+    if value == "auto" and isinstance(value, str):
+        return "auto"
+    if isinstance(value, str):
+        raise _Invalid(f'expected an integer >= 1 or "auto", got {_describe(value)}')
+    return _integer(1)(value)
+
+
+def _alpn_protocol(value: object) -> str:
+    text = _non_empty_string(value)
+    if not text.isascii():
+        raise _Invalid(f"must be ASCII, got {_describe(text)}")
+    if len(text) > 255:
+        raise _Invalid(f"must be at most 255 bytes, got {len(text)}")
+    return text
+
+
+def _list_of(item: Validator[T], *, non_empty: bool = False) -> Validator[tuple[T, ...]]:
+    """An array whose every element passes ``item``; reports all bad elements, by index."""
+
+    def check(value: object) -> tuple[T, ...]:
+        if not isinstance(value, list):
+            raise _Invalid(_expected("an array", value))
+        if non_empty and not value:
+            raise _Invalid("must not be empty")
+        items: list[T] = []
+        problems: list[tuple[str, str]] = []
+        for index, element in enumerate(value):
+            try:
+                items.append(item(element))
+            except _Invalid as exc:
+                problems += [(f"[{index}]{suffix}", msg) for suffix, msg in exc.problems]
+        if problems:
+            raise _Invalid.many(problems)
+        return tuple(items)
+
+    return check
+
+
+# --- the reader: one TOML table, its key path, and the shared error list -----------------------
+
+
+class _Table:
+    """Typed access to one TOML table. Bad values are recorded as errors (not raised) and replaced
+    by the default, so that reading goes on and every problem is reported. ``close()`` reports the
+    keys that were never asked for as unknown."""
+
+    def __init__(self, errors: list[str], file: str, data: Mapping[str, object], path: str) -> None:
+        self.errors, self.file, self.data, self.path = errors, file, data, path
+        self.known: list[str] = []
+
+    def error(self, key: str | None, message: str, suffix: str = "") -> None:
+        path = _key_path(self.path, key) if key is not None else self.path
+        self.errors.append(f"{self.file}: {path}{suffix}: {message}")
+
+    def _take(self, key: str) -> object:
+        self.known.append(key)
+        return self.data.get(key, _MISSING)
+
+    def _report(self, key: str, invalid: _Invalid) -> None:
+        for suffix, message in invalid.problems:
+            self.error(key, message, suffix)
+
+    def get(self, key: str, check: Validator[T], default: D) -> T | D:
+        value = self._take(key)
+        if value is _MISSING:
+            return default
+        try:
+            return check(value)
+        except _Invalid as invalid:
+            self._report(key, invalid)
+            return default
+
+    def require(self, key: str, check: Validator[T]) -> T | None:
+        value = self._take(key)
+        if value is _MISSING:
+            self.error(key, "missing required key")
+            return None
+        try:
+            return check(value)
+        except _Invalid as invalid:
+            self._report(key, invalid)
+            return None
+
+    def table(self, key: str) -> _Table:
+        value = self._take(key)
+        if value is not _MISSING and not isinstance(value, dict):
+            self.error(key, _expected("a table", value))
+        data = value if isinstance(value, dict) else {}
+        return _Table(self.errors, self.file, data, _key_path(self.path, key))
+
+    def tables(self, key: str, *, required: bool = False) -> list[_Table]:
+        """An array of tables (``[[key]]``); ``required`` means at least one."""
+        value, path = self._take(key), _key_path(self.path, key)
+        if value is _MISSING or value == []:
+            if required:
+                self.error(key, f"at least one [[{path}]] table is required")
+            return []
+        if not isinstance(value, list):
+            self.error(key, _expected("an array of tables", value))
+            return []
+        result = []
+        for index, item in enumerate(value):
+            if isinstance(item, dict):
+                result.append(_Table(self.errors, self.file, item, f"{path}[{index}]"))
+            else:
+                self.error(key, _expected("a table", item), f"[{index}]")
+        return result
+
+    def named_tables(self) -> Iterator[tuple[str, _Table]]:
+        """Every key of this table as a named sub-table (``[upstreams.<name>]``)."""
+        for name, value in self.data.items():
+            self.known.append(name)
+            if not isinstance(value, dict):
+                self.error(name, _expected("a table", value))
+            elif not _NAME_RE.fullmatch(name):
+                self._report(name, _Invalid(_bad_name(name)))
+            else:
+                yield name, _Table(self.errors, self.file, value, _key_path(self.path, name))
+
+    def close(self) -> None:
+        for key in self.data:
+            if key not in self.known:
+                hint = difflib.get_close_matches(key, self.known, n=1)
+                self.error(
+                    key, f"unknown key (did you mean {_quote(hint[0])}?)" if hint else "unknown key"
+                )
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+def _read_server(t: _Table, base: Path) -> ServerConfig:
+    d = ServerConfig()
+    server = ServerConfig(
+        workers=t.get("workers", _workers, d.workers),
+        pin_cpus=t.get("pin_cpus", _boolean, d.pin_cpus),
+        pidfile=t.get("pidfile", _path(base), base / d.pidfile),
+        admin_socket=t.get("admin_socket", _path(base), base / d.admin_socket),
+        graceful_timeout=t.get("graceful_timeout", _number(positive=True), d.graceful_timeout),
+        log_file=t.get("log_file", _optional_path(base), d.log_file),
+        user=t.get("user", _optional_string, d.user),
+        group=t.get("group", _optional_string, d.group),
+    )
+    t.close()
+    return server
+
+
+def _read_listeners(root: _Table) -> tuple[list[ListenerConfig], list[tuple[_Table, str]]]:
+    """The listeners, and each one's upstream reference (checked once the pools are known)."""
+    listeners: list[ListenerConfig] = []
+    references: list[tuple[_Table, str]] = []
+    names: dict[str, str] = {}
+    binds: list[tuple[Address, _Table, str | None]] = []
+    for t in root.tables("listeners", required=True):
+        name = t.require("name", _name)
+        bind = t.require("bind", _address(allow_port_zero=True))
+        upstream = t.require("upstream", _non_empty_string)
+        backlog = t.get("backlog", _integer(1, 65535), 1024)
+        t.close()
+        if name is not None:
+            if name in names:
+                t.error("name", f"duplicate listener name {_quote(name)} (also {names[name]})")
+            names.setdefault(name, t.path)
+        if bind is not None:
+            for other, other_table, other_name in binds:
+                if _overlaps(bind, other):
+                    label = f" ({_quote(other_name)})" if other_name else ""
+                    t.error("bind", f"{bind} conflicts with {other_table.path}{label} on {other}")
+            binds.append((bind, t, name))
+        if upstream is not None:
+            references.append((t, upstream))
+        if name is not None and bind is not None and upstream is not None:
+            listeners.append(ListenerConfig(name, bind, upstream, backlog))
+    return listeners, references
+
+
+def _read_tls(t: _Table, base: Path) -> TlsConfig | None:
+    certificates = []
+    for c in t.tables("certificates", required=True):
+        cert = c.require("cert", _path(base))
+        key = c.get("key", _path(base), None)
+        c.close()
+        if cert is not None:
+            certificates.append(CertificateConfig(cert, key))
+    d = TicketsConfig()
+    k = t.table("tickets")
+    tickets = TicketsConfig(
+        enabled=k.get("enabled", _boolean, d.enabled),
+        rotate_every=k.get("rotate_every", _number(positive=True), d.rotate_every),
+        key_files=k.get("key_files", _list_of(_path(base)), d.key_files),
+        count=k.get("count", _integer(0, 16), d.count),
+    )
+    k.close()
+    tls = TlsConfig(
+        certificates=tuple(certificates),
+        min_version=t.get("min_version", _choice(_TLS_VERSIONS), "TLSv1.2"),
+        ciphers=t.get("ciphers", _non_empty_string, "intermediate"),
+        alpn=t.get("alpn", _list_of(_alpn_protocol), ("http/1.1",)),
+        tickets=tickets,
+    )
+    t.close()
+    return tls if certificates else None
+
+
+def _read_upstreams(root: _Table) -> tuple[dict[str, UpstreamConfig], list[str]]:
+    """The pools, and the names of all pools in the file (valid or not, for listener errors)."""
+    value = root.data.get("upstreams")
+    t = root.table("upstreams")
+    if value is None or value == {}:
+        root.error("upstreams", "at least one [upstreams.<name>] table is required")
+    pools = {}
+    for name, p in t.named_tables():
+        servers = p.require("servers", _list_of(_address(allow_port_zero=False), non_empty=True))
+        balance: BalanceMode = p.get("balance", _choice(_BALANCE_MODES), "round_robin")
+        p.close()
+        if servers is not None:
+            pools[name] = UpstreamConfig(name, servers, balance)
+    return pools, sorted(t.data)
+
+
+def _read_timeouts(t: _Table) -> TimeoutsConfig:
+    d, positive = TimeoutsConfig(), _number(positive=True)
+    timeouts = TimeoutsConfig(
+        handshake=t.get("handshake", positive, d.handshake),
+        connect=t.get("connect", positive, d.connect),
+        idle=t.get("idle", positive, d.idle),
+    )
+    t.close()
+    return timeouts
+
+
+def _read_limits(t: _Table) -> LimitsConfig:
+    d = LimitsConfig()
+    limits = LimitsConfig(
+        max_connections=t.get("max_connections", _integer(1), d.max_connections),
+        buffer_size=t.get("buffer_size", _integer(4096, 16 * 1024 * 1024), d.buffer_size),
+    )
+    t.close()
+    return limits
+
+
+def _read_telemetry(t: _Table) -> TelemetryConfig:
+    d = TelemetryConfig()
+    telemetry = TelemetryConfig(
+        otlp_endpoint=t.get("otlp_endpoint", _string, d.otlp_endpoint),
+        sample_ratio=t.get("sample_ratio", _number(lo=0.0, hi=1.0), d.sample_ratio),
+    )
+    t.close()
+    return telemetry
+
+
+# --- the file ----------------------------------------------------------------------------------
+
+
+def _read_toml(path: str | os.PathLike[str], file: str) -> dict[str, object]:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        message = f"invalid UTF-8 at byte {exc.start}"
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+    message = "".join(c if c.isprintable() else " " for c in message)
+    raise ConfigError([f"{file}: TOML syntax error: {message}"])
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, validate and build the config; raise one ``ConfigError`` listing every problem."""
+    file = str(path)
+    absolute = Path(os.path.abspath(path))
+    base = absolute.parent
+    errors: list[str] = []
+    root = _Table(errors, file, _read_toml(path, file), "")
+
+    server = _read_server(root.table("server"), base)
+    listeners, references = _read_listeners(root)
+    tls = _read_tls(root.table("tls"), base)
+    upstreams, pool_names = _read_upstreams(root)
+    timeouts = _read_timeouts(root.table("timeouts"))
+    limits = _read_limits(root.table("limits"))
+    telemetry = _read_telemetry(root.table("telemetry"))
+    root.close()
+    for listener, upstream in references:
+        if upstream not in pool_names:
+            known = ", ".join(pool_names) or "none"
+            listener.error(
+                "upstream", f"no pool named {_quote(upstream)} in [upstreams] (known: {known})"
+            )
+
+    if errors:
+        raise ConfigError(errors)
+    assert tls is not None  # every None above has recorded an error
+    return Config(
+        path=absolute,
+        listeners=tuple(listeners),
+        tls=tls,
+        upstreams=upstreams,
+        server=server,
+        timeouts=timeouts,
+        limits=limits,
+        telemetry=telemetry,
+    )

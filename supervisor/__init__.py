@@ -1,0 +1,1 @@
+"""The process manager: owns listening sockets, forks and supervises workers."""

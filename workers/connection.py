@@ -1,0 +1,499 @@
+"""One proxied connection: TLS from the client, plain TCP to an upstream server.
+
+Lifecycle (``workers.state``): accepted -> handshaking -> connecting -> proxying ->
+half-closed -> closing -> closed.
+
+Data path rules (ARCHITECTURE §4):
+
+* Reads go into the worker's one scratch buffer and are written through at once. Only bytes
+  that could not be written are kept, one chunk per direction at most; while a direction holds
+  a chunk, the side that feeds it is not read (backpressure). So the high-water mark is one
+  chunk (``limits.buffer_size``) and the low-water mark is empty, per direction.
+* A TLS write that would block must be retried with the same bytes, so the pending chunk is a
+  ``bytes`` copy made only on that slow path.
+* After a TLS read, plaintext can remain inside OpenSSL, which never wakes epoll: when the read
+  budget runs out with ``pending()`` bytes, the pump is scheduled again for this round.
+* Half-close both ways: client EOF (close_notify or FIN) -> shutdown(SHUT_WR) upstream once the
+  pending chunk is flushed; upstream EOF -> close_notify to the client (exactly one
+  SSL_shutdown call, see ``edgeterm.openssl.shutdown_once``). Both done -> close.
+* Hot path: no logging, no dict building, no closures; counters are plain ints summed into the
+  worker's stats when the connection closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import ssl
+from typing import TYPE_CHECKING
+
+from edgeterm import openssl
+from edgeterm.sockets import new_upstream_socket
+
+from . import state as S
+
+if TYPE_CHECKING:
+    from .upstream import Pool
+    from .worker import Worker
+
+EV_IN = select.EPOLLIN
+EV_OUT = select.EPOLLOUT
+EV_BAD = select.EPOLLERR | select.EPOLLHUP
+
+_READ_BUDGET = 8  # reads per readiness event and direction, so one busy peer cannot starve others
+LINGER = 1.0  # seconds to wait for the client's EOF after our alert/close_notify
+
+_WantRead = ssl.SSLWantReadError
+_WantWrite = ssl.SSLWantWriteError
+_SSLEOF = ssl.SSLEOFError
+_SSLError = ssl.SSLError
+
+# Close reasons, counted by the worker (Stats.closed_by).
+R_DONE = "done"
+R_HANDSHAKE_FAILED = "handshake_failed"
+R_HANDSHAKE_TIMEOUT = "handshake_timeout"
+R_NO_UPSTREAM = "upstream_unavailable"
+R_IDLE = "idle_timeout"
+R_CLIENT_ERROR = "client_error"
+R_UPSTREAM_ERROR = "upstream_error"
+R_SHUTDOWN = "shutdown"
+
+
+class Connection:
+    __slots__ = (
+        "attempt",
+        "c2u",
+        "c2u_off",
+        "c2u_shut",
+        "c_eof",
+        "cev",
+        "cfd",
+        "deadline",
+        "n_c2u",
+        "n_u2c",
+        "notify_wait",
+        "pool",
+        "so",
+        "start",
+        "state",
+        "timer_entry",
+        "tls",
+        "u2c",
+        "u2c_shut",
+        "u_eof",
+        "uev",
+        "ufd",
+        "up",
+        "w",
+    )
+
+    def __init__(self, worker: Worker, tls: ssl.SSLSocket, pool: Pool) -> None:
+        self.w = worker
+        self.tls = tls
+        self.so = tls._sslobj  # type: ignore[attr-defined]  # the _ssl object: fewer layers per call
+        self.cfd = tls.fileno()
+        self.pool = pool
+        self.state = S.ACCEPTED
+        self.timer_entry: list[object] | None = None
+        self.deadline = 0.0
+        self.up: socket.socket | None = None
+        self.ufd = -1
+        self.cev = 0
+        self.uev = 0
+        self.start = 0
+        self.attempt = 0
+        self.c2u: bytes | None = None
+        self.c2u_off = 0
+        self.u2c: bytes | None = None
+        self.c_eof = False
+        self.u_eof = False
+        self.c2u_shut = False
+        self.u2c_shut = False
+        self.notify_wait = False
+        self.n_c2u = 0
+        self.n_u2c = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def begin(self) -> None:
+        w = self.w
+        self.state = S.check(self.state, S.HANDSHAKING)
+        self.deadline = w.loop.now + w.t_handshake
+        w.loop.arm(self, self.deadline)
+        self.cev = EV_IN
+        w.loop.add(self.cfd, EV_IN, self.on_client)
+
+    def on_timer(self, now: float) -> None:
+        st = self.state
+        if st == S.CLOSED:
+            return
+        if now < self.deadline:
+            self.w.loop.arm(self, self.deadline)
+            return
+        if st == S.HANDSHAKING:
+            self._close(R_HANDSHAKE_TIMEOUT)
+        elif st == S.CONNECTING:
+            self.w.stats.upstream_connect_timeouts += 1
+            self._drop_upstream()
+            self._connect()
+        elif st == S.CLOSING:
+            self._close(None)
+        else:
+            self._notify_and_close(R_IDLE)
+
+    # -- client socket -------------------------------------------------------------------
+    def on_client(self, ev: int) -> None:
+        st = self.state
+        if st == S.PROXYING or st == S.HALF_CLOSED:
+            if ev & EV_OUT:
+                self._flush_u2c()
+            if ev & (EV_IN | EV_BAD) and self.state != S.CLOSED and self.c2u is None:
+                self._pump_c2u()
+        elif st == S.HANDSHAKING:
+            self._handshake()
+        elif st == S.CONNECTING:
+            # The client spoke before the upstream answered: stop listening until it does
+            # (level-triggered epoll would otherwise report the same bytes again and again).
+            if ev & EV_BAD:
+                self._close(R_CLIENT_ERROR)
+            else:
+                self._set_client(0)
+        elif st == S.CLOSING:
+            self._linger(ev)
+
+    def _handshake(self) -> None:
+        try:
+            self.so.do_handshake()
+        except _WantRead:
+            self._set_client(EV_IN)
+            return
+        except _WantWrite:
+            self._set_client(EV_OUT)
+            return
+        except (_SSLError, OSError):
+            self._handshake_failed()
+            return
+        w = self.w
+        if self.so.session_reused:
+            w.stats.resumed += 1
+        else:
+            w.stats.full_handshakes += 1
+        self.state = S.check(self.state, S.CONNECTING)
+        self.start = self.pool.first()
+        self._connect()
+
+    def _handshake_failed(self) -> None:
+        """OpenSSL has written its fatal alert: make sure it arrives, then close.
+
+        Closing a socket with unread input makes the kernel send a reset, which can make the
+        client drop the alert; so shut our write side and read until the client's EOF, for at
+        most ``LINGER`` seconds.
+        """
+        self.w.stats.count_close(R_HANDSHAKE_FAILED)
+        self.state = S.check(self.state, S.CLOSING)
+        self._linger_start()
+
+    def _linger_start(self) -> None:
+        try:
+            socket.socket.shutdown(self.tls, socket.SHUT_WR)
+        except OSError:
+            self._close(None)
+            return
+        self.deadline = self.w.loop.now + LINGER
+        self.w.loop.arm(self, self.deadline)
+        self._set_client(EV_IN)
+
+    def _linger(self, ev: int) -> None:
+        try:
+            n = socket.socket.recv_into(self.tls, self.w.mv)
+        except BlockingIOError:
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self._close(None)
+
+    # -- upstream connect ----------------------------------------------------------------
+    def _connect(self) -> None:
+        w = self.w
+        while True:
+            addr = self.pool.server(self.start, self.attempt)
+            if addr is None:
+                w.stats.upstream_unavailable += 1
+                self._notify_and_close(R_NO_UPSTREAM)
+                return
+            self.attempt += 1
+            up = new_upstream_socket(addr.family)
+            err = up.connect_ex(addr.sockaddr())
+            if err == 0 or err == errno.EINPROGRESS:
+                self.up = up
+                self.ufd = up.fileno()
+                if err == 0:
+                    w.loop.add(self.ufd, 0, self.on_upstream)
+                    self._connected()
+                else:
+                    self.uev = EV_OUT
+                    w.loop.add(self.ufd, EV_OUT, self.on_upstream)
+                    self.deadline = w.loop.now + w.t_connect
+                    w.loop.arm(self, self.deadline)
+                return
+            up.close()
+            w.stats.upstream_connect_errors += 1
+
+    def _drop_upstream(self) -> None:
+        up = self.up
+        if up is not None:
+            self.w.loop.forget(self.ufd)
+            up.close()
+            self.up = None
+            self.ufd = -1
+            self.uev = 0
+
+    def _connected(self) -> None:
+        w = self.w
+        self.state = S.check(self.state, S.PROXYING)
+        self.deadline = w.loop.now + w.t_idle
+        self._update_interest()
+        if self.so.pending():
+            self._pump_c2u()
+
+    def on_upstream(self, ev: int) -> None:
+        st = self.state
+        if st == S.PROXYING or st == S.HALF_CLOSED:
+            if ev & EV_OUT:
+                self._flush_c2u()
+            if ev & (EV_IN | EV_BAD) and self.state != S.CLOSED and self.u2c is None:
+                self._pump_u2c()
+        elif st == S.CONNECTING:
+            up = self.up
+            assert up is not None
+            if up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                self.w.stats.upstream_connect_errors += 1
+                self._drop_upstream()
+                self._connect()
+            else:
+                self._connected()
+
+    # -- forwarding ----------------------------------------------------------------------
+    def _pump_c2u(self) -> None:
+        """Client -> upstream: decrypt into the scratch buffer, write through at once."""
+        if self.c_eof or self.c2u is not None:
+            return
+        w = self.w
+        so = self.so
+        up = self.up
+        assert up is not None
+        buf = w.buf
+        mv = w.mv
+        size = w.bufsize
+        self.deadline = w.loop.now + w.t_idle
+        for _ in range(_READ_BUDGET):
+            try:
+                n = so.read(size, buf)
+            except (_WantRead, _WantWrite):
+                return
+            except _SSLEOF:
+                n = 0
+            except (_SSLError, OSError):
+                self._close(R_CLIENT_ERROR)
+                return
+            if n == 0:
+                self.c_eof = True
+                self._update_interest()
+                self._shut_upstream()
+                return
+            self.n_c2u += n
+            try:
+                sent = up.send(mv[:n])
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._notify_and_close(R_UPSTREAM_ERROR)
+                return
+            if sent < n:
+                self.c2u = mv[sent:n].tobytes()
+                self.c2u_off = 0
+                self._update_interest()
+                return
+        if so.pending():
+            w.loop.call_soon(self._pump_c2u)
+
+    def _pump_u2c(self) -> None:
+        """Upstream -> client: read into the scratch buffer, encrypt through at once."""
+        if self.u_eof or self.u2c is not None:
+            return
+        w = self.w
+        so = self.so
+        up = self.up
+        assert up is not None
+        buf = w.buf
+        mv = w.mv
+        self.deadline = w.loop.now + w.t_idle
+        for _ in range(_READ_BUDGET):
+            try:
+                n = up.recv_into(buf)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._notify_and_close(R_UPSTREAM_ERROR)
+                return
+            if n == 0:
+                self.u_eof = True
+                self._update_interest()
+                self._notify_client()
+                return
+            self.n_u2c += n
+            try:
+                so.write(mv[:n])
+            except (_WantWrite, _WantRead):
+                self.u2c = mv[:n].tobytes()
+                self._update_interest()
+                return
+            except (_SSLError, OSError):
+                self._close(R_CLIENT_ERROR)
+                return
+
+    def _flush_c2u(self) -> None:
+        data = self.c2u
+        if data is None:
+            return
+        up = self.up
+        assert up is not None
+        try:
+            sent = up.send(memoryview(data)[self.c2u_off :])
+        except BlockingIOError:
+            return
+        except OSError:
+            self._notify_and_close(R_UPSTREAM_ERROR)
+            return
+        self.c2u_off += sent
+        if self.c2u_off < len(data):
+            return
+        self.c2u = None
+        self.deadline = self.w.loop.now + self.w.t_idle
+        if self.c_eof:
+            self._update_interest()
+            self._shut_upstream()
+        else:
+            self._update_interest()
+            if self.so.pending():
+                self._pump_c2u()
+
+    def _flush_u2c(self) -> None:
+        data = self.u2c
+        if data is not None:
+            try:
+                self.so.write(data)
+            except (_WantWrite, _WantRead):
+                return
+            except (_SSLError, OSError):
+                self._close(R_CLIENT_ERROR)
+                return
+            self.u2c = None
+            self.deadline = self.w.loop.now + self.w.t_idle
+            self._update_interest()
+            if self.u_eof:
+                self._notify_client()
+        elif self.notify_wait:
+            self._notify_client()
+
+    # -- half-close ----------------------------------------------------------------------
+    def _shut_upstream(self) -> None:
+        """The client has finished sending: pass its EOF on once nothing is pending."""
+        if self.c2u is not None or self.c2u_shut:
+            return
+        up = self.up
+        assert up is not None
+        try:
+            up.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(R_UPSTREAM_ERROR)
+            return
+        self.c2u_shut = True
+        self._direction_done()
+
+    def _notify_client(self) -> None:
+        """The upstream has finished sending: close_notify to the client."""
+        if self.u2c is not None or self.u2c_shut:
+            return
+        try:
+            openssl.shutdown_once(self.tls)
+        except _WantWrite:
+            self.notify_wait = True
+            self._update_interest()
+            return
+        except (_SSLError, OSError):
+            self._close(R_CLIENT_ERROR)
+            return
+        self.notify_wait = False
+        self.u2c_shut = True
+        self._update_interest()
+        self._direction_done()
+
+    def _direction_done(self) -> None:
+        if self.c2u_shut and self.u2c_shut:
+            self._close(R_DONE)
+        elif self.state == S.PROXYING:
+            self.state = S.check(self.state, S.HALF_CLOSED)
+
+    # -- interest ------------------------------------------------------------------------
+    def _set_client(self, events: int) -> None:
+        if events != self.cev:
+            self.w.loop.modify(self.cfd, events)
+            self.cev = events
+
+    def _update_interest(self) -> None:
+        """Derive both sockets' epoll interest from the connection's flow state."""
+        c = 0
+        if not self.c_eof and self.c2u is None:
+            c = EV_IN
+        if self.u2c is not None or self.notify_wait:
+            c |= EV_OUT
+        if c != self.cev:
+            self.w.loop.modify(self.cfd, c)
+            self.cev = c
+        if self.up is not None:
+            u = 0
+            if not self.u_eof and self.u2c is None:
+                u = EV_IN
+            if self.c2u is not None:
+                u |= EV_OUT
+            if u != self.uev:
+                self.w.loop.modify(self.ufd, u)
+                self.uev = u
+
+    # -- closing -------------------------------------------------------------------------
+    def _notify_and_close(self, reason: str) -> None:
+        """Close a connection whose handshake completed: close_notify first, then linger.
+
+        Without close_notify, OpenSSL clients treat the session as broken and never resume it.
+        """
+        self.w.stats.count_close(reason)
+        self._drop_upstream()
+        if not self.u2c_shut:
+            try:
+                openssl.shutdown_once(self.tls)
+            except (_SSLError, OSError):
+                self._close(None)
+                return
+        self.state = S.check(self.state, S.CLOSING)
+        self._linger_start()
+
+    def abort(self) -> None:
+        """Close at once (graceful timeout expired, immediate stop)."""
+        if self.state != S.CLOSED:
+            self._close(R_SHUTDOWN)
+
+    def _close(self, reason: str | None) -> None:
+        if self.state == S.CLOSED:
+            return
+        self.state = S.check(self.state, S.CLOSED)
+        w = self.w
+        loop = w.loop
+        loop.forget(self.cfd)
+        self.tls.close()
+        self._drop_upstream()
+        loop.disarm(self)
+        if reason is not None:
+            w.stats.count_close(reason)
+        w.connection_closed(self)

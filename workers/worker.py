@@ -1,0 +1,256 @@
+"""A worker: one epoll loop serving the listening sockets it was handed.
+
+The worker never binds or closes a listening socket: whoever created it (the supervisor, or
+the foreground runner) owns it. That is what lets a replacement worker or a new generation
+take over the same sockets without dropping their accept queues (ARCHITECTURE §2).
+
+Accepting: in batches of ``ACCEPT_BATCH`` per readiness event; at ``limits.max_connections``
+the listeners are taken out of the loop (clients wait in the kernel's accept queue, they are
+not refused) and put back when a connection closes; on EMFILE/ENFILE/ENOBUFS/ENOMEM the
+worker stops accepting for a back-off that doubles up to one second and resets on success.
+
+Draining: accept what is queued once more, stop watching the listeners, let connections
+finish; at the graceful deadline the rest are closed and the loop stops.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from edgeterm import control
+from edgeterm.config import Config, ListenerConfig
+from edgeterm.tls import TlsContexts
+
+from .connection import Connection
+from .loop import Loop
+from .stats import Stats
+from .upstream import Pool
+
+log = logging.getLogger("edgeterm.worker")
+
+ACCEPT_BATCH = 64
+_BACKOFF_MIN = 0.01
+_BACKOFF_MAX = 1.0
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    config: ListenerConfig
+    sock: socket.socket
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        contexts: TlsContexts,
+        listeners: Sequence[Listener],
+        *,
+        worker_id: int = 0,
+        generation: int = 0,
+        control_sock: socket.socket | None = None,
+    ) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.generation = generation
+        self.loop = Loop()
+        self.stats = Stats()
+        self.bufsize = config.limits.buffer_size
+        self.buf = bytearray(self.bufsize)
+        self.mv = memoryview(self.buf)
+        self.t_handshake = config.timeouts.handshake
+        self.t_connect = config.timeouts.connect
+        self.t_idle = config.timeouts.idle
+        self.max_connections = config.limits.max_connections
+        self._wrap = contexts.default.wrap_socket
+        self._listeners = list(listeners)
+        pools = {name: Pool(up) for name, up in config.upstreams.items()}
+        self._acceptors: list[tuple[int, Callable[[], int]]] = [
+            (lst.sock.fileno(), self._make_acceptor(lst.sock, pools[lst.config.upstream]))
+            for lst in self._listeners
+        ]
+        self._accepting = False
+        self._backoff = 0.0
+        self._backoff_call: object | None = None
+        self.conns: set[Connection] = set()
+        self.draining = False
+        self._control = control_sock
+        self._decoder = control.Decoder()
+
+    # -- accepting ---------------------------------------------------------------------
+    def _make_acceptor(self, lsock: socket.socket, pool: Pool) -> Callable[[], int]:
+        """A function that accepts one batch from ``lsock``; returns how many it took."""
+        accept = lsock.accept
+        wrap = self._wrap
+
+        def accept_batch() -> int:
+            stats = self.stats
+            taken = 0
+            for _ in range(ACCEPT_BATCH):
+                if stats.active >= self.max_connections:
+                    self._pause_accepting()
+                    return taken
+                try:
+                    csock, _addr = accept()
+                except BlockingIOError:
+                    return taken
+                except OSError as exc:
+                    if exc.errno in _RESOURCE_ERRNOS:
+                        stats.accept_errors += 1
+                        self._accept_backoff()
+                        return taken
+                    continue  # ECONNABORTED, EPROTO...: that client is gone, the next is not
+                self._backoff = 0.0
+                try:
+                    csock.setblocking(False)
+                    tls = wrap(csock, server_side=True, do_handshake_on_connect=False)
+                except OSError:
+                    csock.close()  # reset before we could wrap it
+                    continue
+                conn = Connection(self, tls, pool)
+                stats.accepted += 1
+                stats.active += 1
+                taken += 1
+                self.conns.add(conn)
+                conn.begin()
+            return taken
+
+        return accept_batch
+
+    def start_accepting(self) -> None:
+        if self._accepting or self.draining or self._backoff_call is not None:
+            return
+        for fd, accept_batch in self._acceptors:
+            self.loop.add(fd, select.EPOLLIN, _on_readable(accept_batch))
+        self._accepting = True
+
+    def _pause_accepting(self) -> None:
+        if self._accepting:
+            for fd, _ in self._acceptors:
+                self.loop.remove(fd)
+            self._accepting = False
+
+    def _accept_backoff(self) -> None:
+        self._pause_accepting()
+        self._backoff = min(_BACKOFF_MAX, max(_BACKOFF_MIN, self._backoff * 2))
+
+        def resume() -> None:
+            self._backoff_call = None
+            self.start_accepting()
+
+        self._backoff_call = self.loop.call_later(self._backoff, resume)
+
+    def connection_closed(self, conn: Connection) -> None:
+        stats = self.stats
+        stats.active -= 1
+        stats.bytes_c2u += conn.n_c2u
+        stats.bytes_u2c += conn.n_u2c
+        self.conns.discard(conn)
+        if self.draining:
+            if not self.conns:
+                self.loop.stop()
+        elif not self._accepting and stats.active < self.max_connections:
+            self.start_accepting()
+
+    # -- control channel ---------------------------------------------------------------
+    def _on_control(self, ev: int) -> None:
+        assert self._control is not None
+        try:
+            data = self._control.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            log.warning("control channel closed (supervisor gone): draining")
+            self.loop.remove(self._control.fileno())
+            self.drain()
+            return
+        try:
+            messages = self._decoder.feed(data)
+        except control.FrameError as exc:
+            log.error("control channel: %s: draining", exc)
+            self.loop.remove(self._control.fileno())
+            self.drain()
+            return
+        for msg in messages:
+            self._handle_control(msg)
+
+    def _handle_control(self, msg: control.Message) -> None:
+        t = control.MsgType
+        if msg.type == t.DRAIN:
+            self.drain()
+        elif msg.type == t.STOP:
+            self.stop_now()
+        elif msg.type == t.HEARTBEAT:
+            self.send_control(control.encode_json(t.HEARTBEAT, {"t": self.loop.now}))
+        elif msg.type == t.STATS_REQUEST:
+            self.send_control(control.encode_json(t.STATS, self.status()))
+
+    def send_control(self, frame: bytes) -> None:
+        if self._control is None:
+            return
+        try:
+            self._control.sendall(frame)
+        except OSError as exc:
+            log.warning("control channel: %s", exc)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "worker": self.worker_id,
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "draining": self.draining,
+            **self.stats.snapshot(),
+        }
+
+    # -- running and stopping -----------------------------------------------------------
+    def run(self) -> None:
+        """Serve until drained or stopped. The caller owns (and closes) the listeners."""
+        if self._control is not None:
+            self._control.setblocking(False)
+            self.loop.add(self._control.fileno(), select.EPOLLIN, self._on_control)
+        self.start_accepting()
+        try:
+            self.loop.run()
+        finally:
+            for conn in list(self.conns):
+                conn.abort()
+            self._pause_accepting()
+            self.loop.close()
+
+    def drain(self) -> None:
+        """Stop accepting, let connections finish, stop at the graceful deadline."""
+        if self.draining:
+            return
+        if self._accepting:
+            # Take what is already queued on our sockets until EAGAIN once more, then stop
+            # watching them (bounded: the batches stop at max_connections).
+            for _fd, accept_batch in self._acceptors:
+                while self._accepting and accept_batch() == ACCEPT_BATCH:
+                    pass
+        self._pause_accepting()
+        self.draining = True
+        if not self.conns:
+            self.loop.stop()
+            return
+        self.loop.call_later(self.config.server.graceful_timeout, self.stop_now)
+
+    def stop_now(self) -> None:
+        for conn in list(self.conns):
+            conn.abort()
+        self.loop.stop()
+
+
+def _on_readable(accept_batch: Callable[[], int]) -> Callable[[int], None]:
+    def handler(_ev: int) -> None:
+        accept_batch()
+
+    return handler
