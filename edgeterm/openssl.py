@@ -1,0 +1,413 @@
+"""The only ctypes code in edgeterm: what the stdlib ``ssl`` module does not expose.
+
+The stdlib gives no access to session ticket keys, key exchange groups, read-ahead, or a
+one-sided ``SSL_shutdown``. We reach them by calling the very libssl that CPython's ``_ssl``
+module is linked with, on the ``SSL_CTX *`` / ``SSL *`` pointers that CPython's objects hold.
+
+Reading those pointers relies on CPython's object layout (3.11):
+
+- ``PySSLContext``: ``PyObject_HEAD``, then ``SSL_CTX *ctx``.
+- ``PySSLSocket`` (``_ssl._SSLSocket``, what ``SSLSocket._sslobj`` and ``SSLObject._sslobj``
+  are): ``PyObject_HEAD``, ``PyObject *Socket``, ``SSL *ssl``, ``PySSLContext *ctx``, ...
+
+So every pointer read is self-checked once per process before it is trusted:
+
+- context: ``SSL_CTX_get_options(ptr)`` must equal ``ctx.options``, and flipping an option from
+  Python must show on the C side;
+- connection: the ``ctx`` field after ``ssl`` must be ``id(sslobj.context)`` (a pure memory read
+  inside the object), then ``SSL_get_SSL_CTX(ssl)`` must be the context's ``SSL_CTX *``.
+
+Memory is only read inside the Python object (bounds checked against the type's basic size);
+before a candidate pointer is handed to OpenSSL, the memory it points at is probed through the
+kernel (a ``write()`` into a pipe fails with EFAULT instead of crashing), so a wrong layout ends
+in :class:`StartupError`, not a segfault.
+
+Hot path: :func:`ssl_pointer` and :func:`shutdown_once` do one memory read and one or two
+FFI calls with pre-declared prototypes; the layout check runs only on the first call.
+"""
+
+from __future__ import annotations
+
+import _ssl
+import ctypes
+import ctypes.util
+import os
+import ssl
+import sys
+from typing import Any, Final
+
+from edgeterm.errors import StartupError
+
+__all__ = [
+    "ctx_pointer",
+    "libssl_path",
+    "negotiated_group",
+    "self_check",
+    "set_groups",
+    "set_read_ahead",
+    "shutdown_once",
+    "ssl_pointer",
+]
+
+# --- OpenSSL constants (ssl.h, stable ABI values) ---
+SSL_CTRL_SET_READ_AHEAD: Final = 41
+SSL_CTRL_SET_GROUPS_LIST: Final = 92
+SSL_CTRL_GET_NEGOTIATED_GROUP: Final = 134
+
+_SSL_ERROR_SSL: Final = 1
+_SSL_ERROR_WANT_READ: Final = 2
+_SSL_ERROR_WANT_WRITE: Final = 3
+_SSL_ERROR_SYSCALL: Final = 5
+_SSL_ERROR_ZERO_RETURN: Final = 6
+_SSL_SENT_SHUTDOWN: Final = 1
+_SSL_WRITING: Final = 2  # SSL_want(): a write is waiting for the transport
+
+# --- CPython object layout ---
+_PTR_SIZE: Final = ctypes.sizeof(ctypes.c_void_p)
+# sizeof(PyObject) == sizeof(PyObject_HEAD); object.__basicsize__ also covers Py_TRACE_REFS builds.
+_HEAD_SIZE: Final = object.__basicsize__
+CTX_OFFSET: Final = _HEAD_SIZE  # PySSLContext.ctx
+SSL_OFFSET: Final = _HEAD_SIZE + _PTR_SIZE  # PySSLSocket.ssl, after PyObject *Socket
+_SSLSOCKET_CTX_OFFSET: Final = _HEAD_SIZE + 2 * _PTR_SIZE  # PySSLSocket.ctx
+
+# How much memory behind a candidate pointer must be readable before OpenSSL may touch it.
+# SSL_CTX_get_options reads a field ~300 bytes in; SSL_get_SSL_CTX one ~2.5 KiB in (3.0).
+_SSL_CTX_PROBE: Final = 1024
+_SSL_PROBE: Final = 4096
+
+_OPTION_TO_FLIP: Final = int(ssl.OP_NO_TICKET)
+_SSLSOCKET_TYPE: Final[type] = vars(_ssl)["_SSLSocket"]  # not in typeshed
+
+
+def _versions() -> str:
+    return f"Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}"
+
+
+def _layout_error(detail: str) -> StartupError:
+    return StartupError(
+        "cannot reach OpenSSL's SSL_CTX through CPython's object layout "
+        f"({_versions()}): {detail}; "
+        "refusing to start without working session tickets/groups"
+    )
+
+
+# --- locating and loading libssl ---
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def _mapped_libssl_paths() -> list[str]:
+    """Distinct ``libssl.so*`` files mapped into this process, in mapping order."""
+    paths: list[str] = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(None, 5)
+                if len(fields) < 6:
+                    continue
+                path = fields[5].strip()
+                if os.path.basename(path).startswith("libssl.so") and path not in paths:
+                    paths.append(path)
+    except OSError:
+        return []
+    return paths
+
+
+def _path_of_ssl_symbol_used_by_ssl_module() -> str | None:
+    """The file that defines ``SSL_CTX_new`` as ``_ssl`` resolves it (dlsym + dladdr)."""
+    module_file = getattr(_ssl, "__file__", None)
+    if not module_file:
+        return None
+    try:
+        ssl_module = ctypes.CDLL(module_file)  # already loaded: dlopen returns the same handle
+        address = ctypes.cast(ssl_module.SSL_CTX_new, ctypes.c_void_p).value
+        libc = ctypes.CDLL(None)
+        dladdr = libc.dladdr
+    except (OSError, AttributeError):
+        return None
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    dladdr.restype = ctypes.c_int
+    info = _DlInfo()
+    if not dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.fsdecode(info.dli_fname)
+
+
+def _find_libssl() -> str:
+    candidates = _mapped_libssl_paths()
+    if len(candidates) == 1:
+        return candidates[0]
+    if len(candidates) > 1:
+        used = _path_of_ssl_symbol_used_by_ssl_module()
+        if used is not None:
+            for path in candidates:
+                if os.path.realpath(path) == os.path.realpath(used):
+                    return path
+        return candidates[0]
+    found = ctypes.util.find_library("ssl")
+    if found is None:
+        raise StartupError(f"cannot find the libssl that Python's ssl module uses ({_versions()})")
+    return found
+
+
+class _Lib:
+    """libssl's entry points with their prototypes declared once."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        lib = ctypes.CDLL(path, use_errno=True)
+        vp, c_int, c_long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+
+        def fn(name: str, restype: Any, *argtypes: Any) -> Any:
+            function = getattr(lib, name)
+            function.restype = restype
+            function.argtypes = list(argtypes)
+            return function
+
+        self.SSL_CTX_get_options = fn("SSL_CTX_get_options", ctypes.c_uint64, vp)
+        self.SSL_CTX_ctrl = fn("SSL_CTX_ctrl", c_long, vp, c_int, c_long, vp)
+        self.SSL_ctrl = fn("SSL_ctrl", c_long, vp, c_int, c_long, vp)
+        self.SSL_get_SSL_CTX = fn("SSL_get_SSL_CTX", vp, vp)
+        self.SSL_shutdown = fn("SSL_shutdown", c_int, vp)
+        self.SSL_get_shutdown = fn("SSL_get_shutdown", c_int, vp)
+        self.SSL_want = fn("SSL_want", c_int, vp)
+        self.SSL_get_error = fn("SSL_get_error", c_int, vp, c_int)
+        # libcrypto functions, found through libssl's dependency (dlsym searches it).
+        self.ERR_get_error = fn("ERR_get_error", ctypes.c_ulong)
+        self.ERR_clear_error = fn("ERR_clear_error", None)
+        self.ERR_error_string_n = fn(
+            "ERR_error_string_n", None, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_size_t
+        )
+        self.OBJ_nid2sn = fn("OBJ_nid2sn", ctypes.c_char_p, c_int)
+        self.OpenSSL_version_num = fn("OpenSSL_version_num", ctypes.c_ulong)
+
+
+def _load() -> tuple[_Lib | None, str]:
+    try:
+        lib = _Lib(_find_libssl())
+    except (OSError, AttributeError, StartupError) as exc:
+        return None, f"cannot load libssl ({_versions()}): {exc}"
+    loaded = int(lib.OpenSSL_version_num())
+    if loaded != ssl.OPENSSL_VERSION_NUMBER:
+        return None, (
+            f"the libssl found at {lib.path} is version {loaded:#x}, but Python's ssl module "
+            f"runs {ssl.OPENSSL_VERSION} ({ssl.OPENSSL_VERSION_NUMBER:#x}); "
+            "refusing to start without working session tickets/groups"
+        )
+    return lib, ""
+
+
+_LIB, _LOAD_ERROR = _load()
+
+
+def _lib() -> _Lib:
+    if _LIB is None:
+        raise StartupError(_LOAD_ERROR)
+    return _LIB
+
+
+def libssl_path() -> str:
+    """The path of the libssl edgeterm calls (the one ``_ssl`` is linked with)."""
+    return _lib().path
+
+
+# --- safe memory access ---
+
+
+def _read_pointer(holder: object, offset: int) -> int:
+    """The pointer-sized field at ``offset`` inside ``holder``; never reads outside the object."""
+    size = type(holder).__basicsize__
+    if offset < 0 or offset % _PTR_SIZE or offset + _PTR_SIZE > size:
+        raise _layout_error(
+            f"offset {offset} is not a pointer field inside a {type(holder).__name__} "
+            f"({size} bytes)"
+        )
+    return ctypes.c_void_p.from_address(id(holder) + offset).value or 0
+
+
+def _readable(address: int, length: int) -> bool:
+    """Whether ``length`` bytes at ``address`` can be read, asked of the kernel (EFAULT-safe)."""
+    if address < 4096 or address % _PTR_SIZE:
+        return False
+    view = (ctypes.c_char * length).from_address(address)
+    read_end, write_end = os.pipe()
+    try:
+        return os.write(write_end, view) == length
+    except OSError:
+        return False
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+# --- SSL_CTX ---
+
+_ctx_layout_verified = False
+
+
+def _checked_ctx_pointer(ctx: ssl.SSLContext, holder: object, offset: int) -> int:
+    """Read a candidate ``SSL_CTX *`` from ``holder`` at ``offset`` and prove it is ``ctx``'s.
+
+    Raises :class:`StartupError` when it is not; the parameters exist so tests can point it at
+    the wrong place.
+    """
+    lib = _lib()
+    pointer = _read_pointer(holder, offset)
+    if not _readable(pointer, _SSL_CTX_PROBE):
+        raise _layout_error(f"the field at offset {offset} is not a readable pointer")
+    python_options = int(ctx.options)
+    if int(lib.SSL_CTX_get_options(pointer)) != python_options:
+        raise _layout_error("SSL_CTX_get_options() does not match SSLContext.options")
+    try:
+        ctx.options = ssl.Options(python_options ^ _OPTION_TO_FLIP)
+        seen = int(lib.SSL_CTX_get_options(pointer))
+    finally:
+        ctx.options = ssl.Options(python_options)
+    if seen != python_options ^ _OPTION_TO_FLIP:
+        raise _layout_error("an option changed through SSLContext.options did not show in C")
+    return pointer
+
+
+def ctx_pointer(ctx: ssl.SSLContext) -> int:
+    """The ``SSL_CTX *`` of ``ctx``, self-checked (fully on the first call in the process).
+
+    The first call briefly toggles one option of ``ctx`` and restores it: call it before the
+    context is shared with other threads.
+    """
+    global _ctx_layout_verified
+    if not isinstance(ctx, ssl.SSLContext):
+        raise TypeError(f"expected an ssl.SSLContext, got {type(ctx).__name__}")
+    if not _ctx_layout_verified:
+        pointer = _checked_ctx_pointer(ctx, ctx, CTX_OFFSET)
+        _ctx_layout_verified = True
+        return pointer
+    pointer = _read_pointer(ctx, CTX_OFFSET)
+    if int(_lib().SSL_CTX_get_options(pointer)) != int(ctx.options):
+        raise _layout_error("SSL_CTX_get_options() does not match SSLContext.options")
+    return pointer
+
+
+def set_groups(ctx: ssl.SSLContext, groups: str) -> None:
+    """Restrict the key exchange groups, e.g. ``"X25519:P-256:P-384"`` (OpenSSL names)."""
+    lib = _lib()
+    result = int(
+        lib.SSL_CTX_ctrl(ctx_pointer(ctx), SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode("ascii"))
+    )
+    if result != 1:
+        lib.ERR_clear_error()
+        raise ValueError(f"OpenSSL rejected the key exchange groups {groups!r}")
+
+
+def set_read_ahead(ctx: ssl.SSLContext, on: bool) -> None:
+    """Let OpenSSL read as much as the socket holds into its buffer (fewer read syscalls)."""
+    _lib().SSL_CTX_ctrl(ctx_pointer(ctx), SSL_CTRL_SET_READ_AHEAD, 1 if on else 0, None)
+
+
+# --- SSL ---
+
+_ssl_layout_verified = False
+
+
+def _sslobj_of(obj: ssl.SSLSocket | ssl.SSLObject) -> Any:
+    sslobj = getattr(obj, "_sslobj", None)
+    if type(sslobj) is not _SSLSOCKET_TYPE:
+        raise ValueError("the TLS connection is not set up (or already closed)")
+    return sslobj
+
+
+def _verify_ssl_layout(sslobj: Any) -> None:
+    global _ssl_layout_verified
+    # The _ssl object's own context: SSLSocket.context can lag behind an SNI switch.
+    context: ssl.SSLContext = sslobj.context
+    if _read_pointer(sslobj, _SSLSOCKET_CTX_OFFSET) != id(context):
+        raise _layout_error("the _ssl._SSLSocket fields are not (Socket, ssl, ctx)")
+    pointer = _read_pointer(sslobj, SSL_OFFSET)
+    if not _readable(pointer, _SSL_PROBE):
+        raise _layout_error("the SSL * field is not a readable pointer")
+    if (_lib().SSL_get_SSL_CTX(pointer) or 0) != ctx_pointer(context):
+        raise _layout_error("SSL_get_SSL_CTX() of the connection is not its context's SSL_CTX")
+    _ssl_layout_verified = True
+
+
+def ssl_pointer(obj: ssl.SSLSocket | ssl.SSLObject) -> int:
+    """The ``SSL *`` of a connection; the layout is verified on the first call per process."""
+    sslobj = _sslobj_of(obj)
+    if not _ssl_layout_verified:
+        _verify_ssl_layout(sslobj)
+    return ctypes.c_void_p.from_address(id(sslobj) + SSL_OFFSET).value or 0
+
+
+def self_check() -> None:
+    """Verify both layouts now, so that a mismatch stops the start rather than a connection.
+
+    Cheap once done (the result is cached for the process, and inherited by forked workers).
+    """
+    if _ctx_layout_verified and _ssl_layout_verified:
+        return
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx_pointer(ctx)
+    ssl_pointer(ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True))
+
+
+def _take_error_string(lib: _Lib) -> str:
+    code = int(lib.ERR_get_error())
+    if not code:
+        return ""
+    buffer = ctypes.create_string_buffer(256)
+    lib.ERR_error_string_n(code, buffer, len(buffer))
+    return buffer.value.decode("ascii", "replace")
+
+
+def shutdown_once(sock: ssl.SSLSocket | ssl.SSLObject) -> int:
+    """Send our close_notify with a single ``SSL_shutdown`` call; never read from the peer.
+
+    Returns 0 once the close_notify is out (or was already sent). Raises
+    :class:`ssl.SSLWantWriteError` when the transport is full (call again when writable),
+    :class:`ssl.SSLWantReadError`, or :class:`ssl.SSLError` (``SSLSyscallError`` for an I/O
+    error). CPython's ``unwrap()`` instead calls ``SSL_shutdown`` twice, the second time reading
+    the peer's close_notify, which breaks a half-closed stream. Reading afterwards still works
+    (the peer may keep sending until its own close_notify).
+
+    Call it only with no application write pending: after a ``send`` raised
+    ``SSLWantWriteError``, OpenSSL insists that exact write completes first ("bad write retry").
+    """
+    lib = _LIB
+    if lib is None:
+        raise StartupError(_LOAD_ERROR)
+    pointer = ssl_pointer(sock)
+    if lib.SSL_get_shutdown(pointer) & _SSL_SENT_SHUTDOWN and lib.SSL_want(pointer) != _SSL_WRITING:
+        return 0  # already sent and flushed: calling SSL_shutdown again would read
+    result = lib.SSL_shutdown(pointer)
+    if result >= 0:
+        return 0
+    error = lib.SSL_get_error(pointer, result)
+    saved_errno = ctypes.get_errno()
+    detail = _take_error_string(lib)
+    lib.ERR_clear_error()
+    if error == _SSL_ERROR_WANT_WRITE:
+        raise ssl.SSLWantWriteError(error, "The operation did not complete (write)")
+    if error == _SSL_ERROR_WANT_READ:
+        raise ssl.SSLWantReadError(error, "The operation did not complete (read)")
+    if error == _SSL_ERROR_SYSCALL:
+        message = os.strerror(saved_errno) if saved_errno else "EOF or I/O error"
+        raise ssl.SSLSyscallError(error, f"SSL_shutdown: {message}")
+    if error == _SSL_ERROR_ZERO_RETURN:
+        raise ssl.SSLZeroReturnError(error, "TLS/SSL connection has been closed (EOF)")
+    raise ssl.SSLError(error, f"SSL_shutdown failed: {detail or 'unknown error'}")
+
+
+def negotiated_group(obj: ssl.SSLSocket | ssl.SSLObject) -> str | None:
+    """The key exchange group of a finished handshake (OpenSSL short name, e.g. ``X25519``)."""
+    lib = _lib()
+    nid = int(lib.SSL_ctrl(ssl_pointer(obj), SSL_CTRL_GET_NEGOTIATED_GROUP, 0, None))
+    if nid <= 0 or nid >= 0x1000000:  # 0: none; TLSEXT_nid_unknown | id: not known to OpenSSL
+        return None
+    name: bytes | None = lib.OBJ_nid2sn(nid)
+    return name.decode("ascii") if name else None
