@@ -1,16 +1,24 @@
-"""The ``edgeterm`` command: a thin layer over the supervisor and the config loader.
+"""The ``edgeterm`` command: a thin layer over the supervisor, the admin socket and the loader.
 
-Exit codes (a contract, see docs/cli.md):
+Exit codes (a contract; docs/cli.md):
   0  success
-  1  runtime failure (see the message)
-  2  the config is invalid (every error is printed, one per line)
-  4  edgeterm cannot start here (port in use, OpenSSL layout check failed, ...)
+  1  failure (the message says what)
+  2  the config is invalid (every error printed, one per line: file: key path: problem)
+  3  edgeterm is not running (status, stop, reload)
+  4  edgeterm cannot start here (port in use, unreadable file, OpenSSL layout check failed)
+  5  a worker could not boot: the server stopped instead of crash-looping
+  6  edgeterm is already running (start)
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
@@ -22,6 +30,8 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_NOT_RUNNING = 3
 EXIT_STARTUP = 4
+EXIT_BOOT = 5
+EXIT_ALREADY_RUNNING = 6
 
 DEFAULT_CONFIG = "etc/edgeterm.toml"
 
@@ -35,16 +45,51 @@ config_option = click.option(
 )
 
 
-def _load(config_file: str) -> Config:
-    from edgeterm.config_loader import load_config
-
-    return load_config(config_file)
-
-
-def _fail(errors: list[str], code: int) -> None:
+def _fail(errors: list[str], code: int) -> NoReturn:
     for line in errors:
         click.echo(line, err=True)
     sys.exit(code)
+
+
+def _load(config_file: str) -> Config:
+    from edgeterm.config_loader import load_config
+
+    try:
+        return load_config(config_file)
+    except ConfigError as exc:
+        _fail(exc.errors, EXIT_CONFIG)
+
+
+def _running_pid(config: Config) -> int:
+    from edgeterm.supervisor import pidfile
+
+    pid = pidfile.read_pid(config.server.pidfile)
+    if pid is None:
+        _fail(
+            [f"edgeterm is not running (no live pid in {config.server.pidfile})"], EXIT_NOT_RUNNING
+        )
+    return pid
+
+
+def _status(config: Config) -> dict[str, Any]:
+    from edgeterm import admin
+
+    try:
+        return admin.request(config.server.admin_socket, "status")
+    except (OSError, ValueError) as exc:
+        _fail(
+            [f"edgeterm is not running (admin socket {config.server.admin_socket}: {exc})"],
+            EXIT_NOT_RUNNING,
+        )
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @click.group()
@@ -57,10 +102,12 @@ def main() -> None:
 @config_option
 def check_config(config_file: str) -> None:
     """Validate the config and its certificates; print `ok` or every error (exit 2)."""
+    from edgeterm import openssl
     from edgeterm.tls import build_contexts
 
+    config = _load(config_file)
     try:
-        config = _load(config_file)
+        openssl.self_check()
         contexts = build_contexts(config.tls, config_file)
     except ConfigError as exc:
         _fail(exc.errors, EXIT_CONFIG)
@@ -73,22 +120,119 @@ def check_config(config_file: str) -> None:
 
 @main.command()
 @config_option
-@click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
+@click.option(
+    "--foreground", is_flag=True, help="Stay attached, log to stderr (systemd, containers)."
+)
 def start(config_file: str, foreground: bool) -> None:
-    """Start edgeterm."""
-    from edgeterm.supervisor import foreground as fg
+    """Start edgeterm; without --foreground, return once every worker accepts connections."""
+    from edgeterm.supervisor import launch
 
-    if not Path(config_file).exists():
-        _fail([f"{config_file}: cannot read: no such file"], EXIT_CONFIG)
+    config_file = os.path.abspath(config_file)
+    config = _load(config_file)
     try:
-        config = _load(config_file)
-    except ConfigError as exc:
-        _fail(exc.errors, EXIT_CONFIG)
-    if not foreground:
-        _fail(["edgeterm: only --foreground is available in this version"], EXIT_FAILURE)
-    try:
-        sys.exit(fg.run(config, config_file))
+        if foreground:
+            sys.exit(launch.run_foreground(config, config_file))
+        code, message = launch.run_daemon(config, config_file)
+    except launch.AlreadyRunning as exc:
+        _fail([str(exc)], EXIT_ALREADY_RUNNING)
     except ConfigError as exc:
         _fail(exc.errors, EXIT_CONFIG)
     except StartupError as exc:
-        _fail([f"edgeterm: {exc}"], EXIT_STARTUP)
+        _fail([f"edgeterm cannot start: {exc}"], EXIT_STARTUP)
+    if code != EXIT_OK:
+        _fail([message], code)
+    click.echo(message)
+
+
+@main.command()
+@config_option
+@click.option(
+    "--timeout", type=float, default=None, help="Seconds to wait (default: graceful_timeout + 10)."
+)
+@click.option("--now", "immediate", is_flag=True, help="SIGQUIT: close connections at once.")
+def stop(config_file: str, timeout: float | None, immediate: bool) -> None:
+    """Stop edgeterm: stop accepting, let connections finish, then exit; wait for it."""
+    config = _load(config_file)
+    pid = _running_pid(config)
+    wait = timeout if timeout is not None else config.server.graceful_timeout + 10.0
+    os.kill(pid, signal.SIGQUIT if immediate else signal.SIGTERM)
+    started = time.monotonic()
+    deadline = started + wait
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            click.echo(f"edgeterm stopped (pid {pid}) in {time.monotonic() - started:.1f}s")
+            return
+        time.sleep(0.05)
+    _fail([f"edgeterm (pid {pid}) is still running after {wait:.1f}s"], EXIT_FAILURE)
+
+
+@main.command()
+@config_option
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")
+def reload(config_file: str, timeout: float) -> None:
+    """Reload config, certificates and keys (SIGHUP); wait until the new generation serves."""
+    config = _load(config_file)
+    pid = _running_pid(config)
+    before = _status(config)["reloads"]
+    seen = before["ok"] + before["failed"]
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = _status(config)
+        reloads = status["reloads"]
+        if reloads["ok"] + reloads["failed"] > seen and not reloads["in_progress"]:
+            last = reloads["last"] or {}
+            if last.get("ok"):
+                click.echo(f"reloaded: generation {status['generation']} serving")
+                return
+            _fail(
+                [f"reload failed: {last.get('error')}", "still serving the previous config"],
+                EXIT_FAILURE,
+            )
+    _fail([f"reload did not finish within {timeout:.0f}s"], EXIT_FAILURE)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def status(config_file: str, as_json: bool) -> None:
+    """Show the supervisor and its workers (exit 3 when not running)."""
+    config = _load(config_file)
+    st = _status(config)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    rl = st["reloads"]
+    click.echo(
+        f"edgeterm pid {st['pid']}, up {st['uptime']:.0f}s, generation {st['generation']}, "
+        f"config {st['config']}"
+    )
+    click.echo(f"reloads: {rl['ok']} ok, {rl['failed']} failed; worker restarts: {st['restarts']}")
+    click.echo(
+        f"{'slot':>4} {'pid':>8} {'cpu':>4} {'gen':>4} {'state':>9} {'active':>7} "
+        f"{'handshakes':>11}"
+    )
+    for w in st["workers"]:
+        state = "draining" if w["draining"] else ("ready" if w["ready"] else "starting")
+        cpu = "-" if w["cpu"] is None else w["cpu"]
+        click.echo(
+            f"{w['slot']:>4} {w['pid']:>8} {cpu:>4} {w['generation']:>4} {state:>9} "
+            f"{w['active']:>7} {w['handshakes']:>11}"
+        )
+
+
+@main.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", "names", multiple=True, default=("localhost",), show_default=True)
+def init(directory: Path, names: tuple[str, ...]) -> None:
+    """Write a starter config and a self-signed certificate into DIRECTORY."""
+    from edgeterm.starter import write_starter
+
+    try:
+        written = write_starter(directory, names)
+    except FileExistsError as exc:
+        _fail([f"edgeterm init: {exc} exists; not overwriting"], EXIT_FAILURE)
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo(f"check it with: edgeterm check-config -c {directory / 'edgeterm.toml'}")

@@ -46,6 +46,7 @@ class ServerConfig:
     log_file: Path | None = None  # None: stderr
     user: str | None = None
     group: str | None = None
+    heartbeat_timeout: float = 10.0  # a worker silent this long is replaced
 
     def worker_count(self) -> int:
         """The number of workers to run: an explicit count, or one per usable CPU."""

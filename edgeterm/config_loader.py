@@ -8,10 +8,12 @@ files the config names (certificates, ticket keys); their loaders check them wit
 from __future__ import annotations
 
 import difflib
+import grp
 import ipaddress
 import json
 import math
 import os
+import pwd
 import re
 import socket
 import tomllib
@@ -233,6 +235,26 @@ def _optional_string(value: object) -> str | None:
     return _string(value) or None
 
 
+def _system_user(value: object) -> str | None:
+    name = _optional_string(value)
+    if name is not None:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            raise _Invalid(f"no such user {_quote(name)} on this system") from None
+    return name
+
+
+def _system_group(value: object) -> str | None:
+    name = _optional_string(value)
+    if name is not None:
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise _Invalid(f"no such group {_quote(name)} on this system") from None
+    return name
+
+
 def _name(value: object) -> str:
     text = _string(value)
     if not _NAME_RE.fullmatch(text):
@@ -426,8 +448,9 @@ def _read_server(t: _Table, base: Path) -> ServerConfig:
         admin_socket=t.get("admin_socket", _path(base), base / d.admin_socket),
         graceful_timeout=t.get("graceful_timeout", _number(positive=True), d.graceful_timeout),
         log_file=t.get("log_file", _optional_path(base), d.log_file),
-        user=t.get("user", _optional_string, d.user),
-        group=t.get("group", _optional_string, d.group),
+        user=t.get("user", _system_user, d.user),
+        group=t.get("group", _system_group, d.group),
+        heartbeat_timeout=t.get("heartbeat_timeout", _number(positive=True), d.heartbeat_timeout),
     )
     t.close()
     return server

@@ -31,6 +31,7 @@ class MsgType(enum.IntEnum):
     STATS = 6  # worker -> supervisor: the worker's counters
     TICKET_KEYS = 7  # supervisor -> worker: the ticket key ring (binary)
     ACK = 8  # worker -> supervisor: {"of": type, ...}
+    BOOT_ERROR = 9  # worker -> supervisor: {"error": why the worker cannot serve}
 
 
 class FrameError(Exception):

@@ -43,9 +43,15 @@ def _check_free(addr: Address) -> None:
         probe.close()
 
 
-def bind_group(addr: Address, backlog: int, count: int) -> list[socket.socket]:
-    """Bind ``count`` SO_REUSEPORT listening sockets on ``addr`` (port 0: one free port)."""
-    if addr.port != 0:
+def bind_group(
+    addr: Address, backlog: int, count: int, *, check_free: bool = True
+) -> list[socket.socket]:
+    """Bind ``count`` SO_REUSEPORT listening sockets on ``addr`` (port 0: one free port).
+
+    ``check_free=False`` joins sockets to a group this process already holds (more workers
+    after a reload).
+    """
+    if addr.port != 0 and check_free:
         _check_free(addr)
     socks: list[socket.socket] = []
     port = addr.port
@@ -60,6 +66,8 @@ def bind_group(addr: Address, backlog: int, count: int) -> list[socket.socket]:
                     raise StartupError(f"cannot bind {addr}: address already in use") from exc
                 raise StartupError(f"cannot bind {addr}: {exc.strerror or exc}") from exc
             port = sock.getsockname()[1]
+            # Accepted sockets inherit TCP_NODELAY from the listener: no setsockopt per client.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.listen(backlog)
             sock.setblocking(False)
     except BaseException:
@@ -72,10 +80,6 @@ def bind_group(addr: Address, backlog: int, count: int) -> list[socket.socket]:
 def bound_address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
-
-
-def tune_accepted(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def new_upstream_socket(family: socket.AddressFamily) -> socket.socket:

@@ -55,10 +55,12 @@ class Worker:
         *,
         worker_id: int = 0,
         generation: int = 0,
+        cpu: int | None = None,
         control_sock: socket.socket | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
+        self.cpu = cpu
         self.generation = generation
         self.loop = Loop()
         self.stats = Stats()
@@ -83,6 +85,7 @@ class Worker:
         self.draining = False
         self._control = control_sock
         self._decoder = control.Decoder()
+        self.last_heartbeat = 0.0
 
     # -- accepting ---------------------------------------------------------------------
     def _make_acceptor(self, lsock: socket.socket, pool: Pool) -> Callable[[], int]:
@@ -189,9 +192,9 @@ class Worker:
             self.drain()
         elif msg.type == t.STOP:
             self.stop_now()
-        elif msg.type == t.HEARTBEAT:
-            self.send_control(control.encode_json(t.HEARTBEAT, {"t": self.loop.now}))
-        elif msg.type == t.STATS_REQUEST:
+        elif msg.type in (t.HEARTBEAT, t.STATS_REQUEST):
+            # The answer to a heartbeat is our counters: the supervisor's status stays fresh.
+            self.last_heartbeat = self.loop.now
             self.send_control(control.encode_json(t.STATS, self.status()))
 
     def send_control(self, frame: bytes) -> None:
@@ -206,6 +209,7 @@ class Worker:
         return {
             "worker": self.worker_id,
             "pid": os.getpid(),
+            "cpu": self.cpu,
             "generation": self.generation,
             "draining": self.draining,
             **self.stats.snapshot(),
@@ -218,6 +222,7 @@ class Worker:
             self._control.setblocking(False)
             self.loop.add(self._control.fileno(), select.EPOLLIN, self._on_control)
         self.start_accepting()
+        self.send_control(control.encode_json(control.MsgType.READY, self.status()))
         try:
             self.loop.run()
         finally:

@@ -1,0 +1,108 @@
+"""The worker process's entry point, run in a child the supervisor forked.
+
+It is handed everything from outside: its slot's listening sockets, its CPU, its control
+channel, the validated config and the TLS contexts (built and checked by the supervisor
+before the fork). Order matters:
+
+1. pin to the CPU (first act, so every allocation happens on the right node);
+2. stop sharing the parent's signal wakeup socket; install our own signal queue;
+3. drop privileges (``server.user`` / ``server.group``) when started as root;
+4. serve until drained or stopped.
+
+Signals: SIGTERM drains, SIGQUIT stops at once, SIGUSR1 reopens the log file; SIGINT and
+SIGHUP are ignored (the terminal's Ctrl-C reaches the whole process group: the supervisor
+decides what happens).
+
+Exit codes: 0 after a drain or stop, ``EXIT_BOOT`` when the worker could not start serving
+(the supervisor then halts instead of crash-looping).
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import select
+import signal
+import socket
+from collections.abc import Sequence
+
+from edgeterm import control, logs
+from edgeterm.config import Config
+from edgeterm.signals import SignalQueue, reset_after_fork
+from edgeterm.tls import TlsContexts
+
+from .worker import Listener, Worker
+
+log = logging.getLogger("edgeterm.worker")
+
+EXIT_BOOT = 5
+
+
+def drop_privileges(user: str | None, group: str | None) -> None:
+    if os.geteuid() != 0 or (user is None and group is None):
+        return
+    gid = grp.getgrnam(group).gr_gid if group else None
+    pw = pwd.getpwnam(user) if user else None
+    if gid is None and pw is not None:
+        gid = pw.pw_gid
+    if gid is not None:
+        os.setgroups([])
+        os.setgid(gid)
+    if pw is not None:
+        os.setuid(pw.pw_uid)
+
+
+def serve(
+    config: Config,
+    contexts: TlsContexts,
+    listeners: Sequence[Listener],
+    control_sock: socket.socket,
+    *,
+    slot: int,
+    cpu: int | None,
+    generation: int,
+) -> int:
+    """Run one worker; return its exit code. Never returns into supervisor code by raising."""
+    try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        reset_after_fork()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signals = SignalQueue((signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1))
+        drop_privileges(config.server.user, config.server.group)
+        worker = Worker(
+            config,
+            contexts,
+            listeners,
+            worker_id=slot,
+            generation=generation,
+            cpu=cpu,
+            control_sock=control_sock,
+        )
+    except Exception as exc:
+        log.error("worker %d cannot start: %s", slot, exc)
+        try:
+            control_sock.sendall(
+                control.encode_json(control.MsgType.BOOT_ERROR, {"error": str(exc)})
+            )
+        except OSError:
+            pass
+        return EXIT_BOOT
+
+    def on_signal(_ev: int) -> None:
+        for signum in signals.take():
+            if signum == signal.SIGTERM:
+                worker.drain()
+            elif signum == signal.SIGQUIT:
+                worker.stop_now()
+            elif signum == signal.SIGUSR1:
+                logs.reopen(config.server.log_file)
+
+    worker.loop.add(signals.fileno(), select.EPOLLIN, on_signal)
+    log.info("worker %d serving pid=%d cpu=%s generation=%d", slot, os.getpid(), cpu, generation)
+    worker.run()
+    log.info("worker %d exiting: %s", slot, worker.stats.snapshot())
+    return 0
