@@ -98,14 +98,48 @@ def main() -> None:
     """edgeterm: TLS termination at the edge, forwarding to TCP upstreams."""
 
 
+def _certificate_errors(config_file: str) -> list[str]:
+    """Check the certificate files a config names even when the rest of it is invalid, so
+    that check-config prints every problem at once."""
+    import tomllib
+
+    from edgeterm.certs import load_certificate
+    from edgeterm.config import CertificateConfig
+
+    try:
+        with open(config_file, "rb") as f:
+            raw = tomllib.load(f)
+        entries = raw["tls"]["certificates"]
+    except Exception:
+        return []  # already reported by the loader
+    base = Path(config_file).resolve().parent
+    errors: list[str] = []
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        if not isinstance(entry, dict) or not isinstance(entry.get("cert"), str):
+            continue
+        key = entry.get("key")
+        cfg = CertificateConfig(
+            cert=base / entry["cert"], key=base / key if isinstance(key, str) and key else None
+        )
+        try:
+            load_certificate(cfg, f"tls.certificates[{i}]", config_file)
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+    return errors
+
+
 @main.command("check-config")
 @config_option
 def check_config(config_file: str) -> None:
     """Validate the config and its certificates; print `ok` or every error (exit 2)."""
     from edgeterm import openssl
+    from edgeterm.config_loader import load_config
     from edgeterm.tls import build_contexts
 
-    config = _load(config_file)
+    try:
+        config = load_config(config_file)
+    except ConfigError as exc:
+        _fail(exc.errors + _certificate_errors(config_file), EXIT_CONFIG)
     try:
         openssl.self_check()
         contexts = build_contexts(config.tls, config_file)

@@ -42,12 +42,14 @@ from edgeterm.admin import MAX_REQUEST
 from edgeterm.config import Config, ListenerConfig
 from edgeterm.config_loader import load_config
 from edgeterm.errors import ConfigError, StartupError
+from edgeterm.keyring import KeyFileError
 from edgeterm.signals import SignalQueue
 from edgeterm.sockets import bind_group, bound_address
 from edgeterm.tls import TlsContexts, build_contexts
 
 from . import pidfile
 from .policy import Backoff, Heartbeats, Slot, plan_slots, slots_to_spawn
+from .ticketkeys import TicketKeys
 
 log = logging.getLogger("edgeterm.supervisor")
 
@@ -118,6 +120,13 @@ class Supervisor:
         self._signals: SignalQueue | None = None
         self._admin: socket.socket | None = None
         self._admin_conns: dict[int, tuple[socket.socket, bytearray]] = {}
+        self.tickets: TicketKeys | None = None
+        self._rotation_due = False
+        if config.tls.tickets.enabled:
+            try:
+                self.tickets = TicketKeys(config.tls.tickets, self.loop.now)
+            except KeyFileError as exc:
+                raise ConfigError([f"{config_file}: tls.tickets.key_files: {exc}"]) from exc
         groups = self._bind(config, {})
         self.serving = Generation(1, config, contexts, self._slots(config), groups, self.started)
 
@@ -139,7 +148,7 @@ class Supervisor:
         fresh: list[socket.socket] = []
         try:
             for lcfg in config.listeners:
-                key = str(lcfg.bind)
+                key = _group_key(lcfg)
                 if key in current:
                     socks = list(current[key][1])
                     if len(socks) < count:
@@ -203,6 +212,7 @@ class Supervisor:
                     slot=slot.index,
                     cpu=slot.cpu,
                     generation=gen.number,
+                    ticket_seed=self._ticket_seed(),
                 )
             except BaseException as exc:
                 log.exception("worker %d crashed: %s", slot.index, exc)
@@ -217,10 +227,18 @@ class Supervisor:
         wp = WorkerProc(pid, slot, gen.number, ours, now)
         self.workers[pid] = wp
         self.heartbeats.seen(pid, now)
+        if self.tickets is not None:
+            self.tickets.ring.ack(pid, self.tickets.ring.seq)  # inherited at fork
         self.loop.add(ours.fileno(), select.EPOLLIN, self._control_handler(wp))
         log.info(
             "started worker %d pid=%d cpu=%s generation=%d", slot.index, pid, slot.cpu, gen.number
         )
+
+    def _ticket_seed(self) -> tuple[Any, tuple[int, ...], int] | None:
+        t = self.tickets
+        if t is None:
+            return None
+        return (t.store, t.ring.order(), t.ring.seq)
 
     def _close_inherited(self, keep: set[int]) -> None:
         """In a new child: close every descriptor of the supervisor's it must not hold."""
@@ -270,6 +288,10 @@ class Supervisor:
             wp.stats = msg.json()
             wp.ready = True
             self._check_generations()
+        elif msg.type == t.ACK:
+            ack = msg.json()
+            if ack.get("of") == "TICKET_KEYS" and self.tickets is not None:
+                self.tickets.ring.ack(wp.pid, int(ack.get("seq", 0)))
         elif msg.type == t.BOOT_ERROR:
             wp.boot_error = str(msg.json().get("error", "unknown error"))
 
@@ -315,6 +337,8 @@ class Supervisor:
             self.loop.remove(wp.ctl.fileno())
             wp.ctl.close()
             self.heartbeats.forget(pid)
+            if self.tickets is not None:
+                self.tickets.ring.forget(pid)
             self._on_exit(wp, os.waitstatus_to_exitcode(status))
 
     def _on_exit(self, wp: WorkerProc, code: int) -> None:
@@ -403,6 +427,9 @@ class Supervisor:
             for wp in self.workers.values():
                 _kill(wp.pid, signal.SIGKILL)
             self.stop_deadline = float("inf")
+        if self._rotation_due:
+            self._rotation_due = False
+            self._rotate_tickets()
         self._reconcile()
         self.loop.call_later(TICK, self._tick)
 
@@ -417,15 +444,20 @@ class Supervisor:
             return
         log.info("reloading %s", self.config_file)
         current = self.serving.groups
+        staged: list[int] = []
         try:
             config = load_config(self.config_file)
             contexts = build_contexts(config.tls, self.config_file)
+            staged = self._stage_ticket_files(config)
             groups = self._bind(config, current)
-        except (ConfigError, StartupError, OSError) as exc:
+        except (ConfigError, StartupError, OSError, KeyFileError) as exc:
+            if staged and self.tickets is not None:
+                self.tickets.discard(staged)
             self._reload_failed(str(exc))
             return
         for warning in contexts.warnings:
             log.warning("%s", warning)
+        self._change_ticket_keys(config, staged)
         gen = Generation(
             self.serving.number + 1, config, contexts, self._slots(config), groups, time.time()
         )
@@ -434,6 +466,68 @@ class Supervisor:
         for slot in gen.slots:
             self.not_before.pop(slot.index, None)
             self._spawn(gen, slot)
+
+    # -- ticket keys ---------------------------------------------------------------------
+    def _stage_ticket_files(self, config: Config) -> list[int]:
+        cfg = config.tls.tickets
+        if not cfg.enabled or not cfg.key_files:
+            return []
+        if self.tickets is None:
+            self.tickets = TicketKeys(cfg, self.loop.now)  # reads the files itself
+            return []
+        try:
+            return self.tickets.stage_files([str(p) for p in cfg.key_files])
+        except KeyFileError as exc:
+            raise KeyFileError(f"{self.config_file}: tls.tickets.key_files: {exc}") from exc
+
+    def _change_ticket_keys(self, config: Config, staged: list[int]) -> None:
+        """On SIGHUP: new key files, or a rotation of the generated ring; tell every worker."""
+        cfg = config.tls.tickets
+        tickets = self.tickets
+        if not cfg.enabled:
+            return
+        now = self.loop.now
+        if tickets is None or (tickets.ring.from_files and not cfg.key_files):
+            self.tickets = TicketKeys(cfg, now)
+        elif staged:
+            tickets.commit_files(staged, cfg, now)
+            log.info("ticket keys: %d loaded from key files", len(staged))
+        elif not tickets.ring.from_files:
+            tickets.rotate_every = cfg.rotate_every
+            self._rotate_tickets()
+            return
+        self._broadcast_tickets()
+
+    def _rotate_tickets(self) -> None:
+        tickets = self.tickets
+        if tickets is None or tickets.ring.from_files:
+            return
+        if tickets.rotate(self.loop.now, list(self.workers)):
+            log.info("ticket keys rotated (rotation %d)", tickets.ring.rotations)
+            self._broadcast_tickets()
+        else:
+            log.warning("ticket key rotation deferred: a worker has not acknowledged the ring")
+            self._rotation_due = True
+
+    def _broadcast_tickets(self) -> None:
+        tickets = self.tickets
+        if tickets is None:
+            return
+        for wp in self.workers.values():
+            try:
+                tickets.send(wp.ctl)
+            except OSError:
+                pass
+
+    def _rotation_timer(self) -> None:
+        tickets = self.tickets
+        if (
+            tickets is not None
+            and not tickets.ring.from_files
+            and self.loop.now - tickets.ring.current_since >= tickets.rotate_every - 0.5
+        ):
+            self._rotate_tickets()
+        self.loop.call_later(1.0, self._rotation_timer)
 
     def _reload_failed(self, why: str) -> None:
         self.reloads_failed += 1
@@ -613,6 +707,11 @@ class Supervisor:
                 "in_progress": self.pending is not None,
             },
             "restarts": self.restarts,
+            "tickets": (
+                self.tickets.status(self.loop.now)
+                if self.tickets is not None and self.serving.config.tls.tickets.enabled
+                else {"enabled": False}
+            ),
             "workers": workers,
         }
 
@@ -637,6 +736,7 @@ class Supervisor:
             for slot in self.serving.slots:
                 self._spawn(self.serving, slot)
             self.loop.call_later(TICK, self._tick)
+            self.loop.call_later(1.0, self._rotation_timer)
             self.loop.run()
         finally:
             for wp in self.workers.values():
@@ -677,3 +777,11 @@ def _with_port(lcfg: ListenerConfig, port: int) -> ListenerConfig:
     from dataclasses import replace
 
     return replace(lcfg, bind=replace(lcfg.bind, port=port))
+
+
+def _group_key(lcfg: ListenerConfig) -> str:
+    """Which held sockets a listener reuses across reloads: its address (or, for port 0,
+    which means "any free port", its name too)."""
+    if lcfg.bind.port == 0:
+        return f"{lcfg.name}@{lcfg.bind}"
+    return str(lcfg.bind)

@@ -253,6 +253,7 @@ class Connection:
         w = self.w
         self.state = S.check(self.state, S.PROXYING)
         self.deadline = w.loop.now + w.t_idle
+        w.loop.arm(self, self.deadline)  # the idle timeout may be shorter than the connect one
         self._update_interest()
         if self.so.pending():
             self._pump_c2u()
