@@ -87,6 +87,7 @@ class Decoder:
             if len(buf) < end:
                 break
             out.append(Message(msg_type, bytes(buf[HEADER.size : end])))
+            buf[:end] = bytes(end)  # zero first: frames may carry ticket keys
             del buf[:end]
         return out
 

@@ -40,6 +40,7 @@ from edgeterm.errors import StartupError
 
 __all__ = [
     "ctx_pointer",
+    "enable_secure_heap",
     "libssl_path",
     "negotiated_group",
     "self_check",
@@ -187,6 +188,10 @@ class _Lib:
         )
         self.OBJ_nid2sn = fn("OBJ_nid2sn", ctypes.c_char_p, c_int)
         self.OpenSSL_version_num = fn("OpenSSL_version_num", ctypes.c_ulong)
+        self.CRYPTO_secure_malloc_init = fn(
+            "CRYPTO_secure_malloc_init", c_int, ctypes.c_size_t, ctypes.c_size_t
+        )
+        self.CRYPTO_secure_malloc_initialized = fn("CRYPTO_secure_malloc_initialized", c_int)
 
 
 def _load() -> tuple[_Lib | None, str]:
@@ -292,6 +297,27 @@ def ctx_pointer(ctx: ssl.SSLContext) -> int:
     if int(_lib().SSL_CTX_get_options(pointer)) != int(ctx.options):
         raise _layout_error("SSL_CTX_get_options() does not match SSLContext.options")
     return pointer
+
+
+def enable_secure_heap(size: int = 1 << 16, min_size: int = 32) -> str:
+    """Turn on OpenSSL's secure heap (mlock'ed, guarded) for private keys loaded afterwards.
+
+    Call before any private key is loaded. Returns a sentence for the log saying whether it is
+    on; never raises (it is a hardening, not a requirement).
+    """
+    lib = _lib()
+    if lib.CRYPTO_secure_malloc_initialized():
+        return "OpenSSL secure heap: on"
+    result = int(lib.CRYPTO_secure_malloc_init(size, min_size))
+    lib.ERR_clear_error()
+    if result == 1:
+        return f"OpenSSL secure heap: on ({size // 1024} KiB, locked) for private keys"
+    if result == 2:
+        return (
+            f"OpenSSL secure heap: on ({size // 1024} KiB) but not locked in memory "
+            "(RLIMIT_MEMLOCK too low)"
+        )
+    return "OpenSSL secure heap: off (CRYPTO_secure_malloc_init failed; check RLIMIT_MEMLOCK)"
 
 
 def set_groups(ctx: ssl.SSLContext, groups: str) -> None:

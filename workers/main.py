@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from edgeterm import control, logs
 from edgeterm.config import Config
 from edgeterm.signals import SignalQueue, reset_after_fork
+from edgeterm.tickets import KeyStore, TicketCallback
 from edgeterm.tls import TlsContexts
 
 from .worker import Listener, Worker
@@ -63,6 +64,7 @@ def serve(
     slot: int,
     cpu: int | None,
     generation: int,
+    ticket_seed: tuple[KeyStore, Sequence[int], int] | None = None,
 ) -> int:
     """Run one worker; return its exit code. Never returns into supervisor code by raising."""
     try:
@@ -72,6 +74,7 @@ def serve(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signals = SignalQueue((signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1))
+        tickets = _install_tickets(config, contexts, ticket_seed)
         drop_privileges(config.server.user, config.server.group)
         worker = Worker(
             config,
@@ -81,6 +84,7 @@ def serve(
             generation=generation,
             cpu=cpu,
             control_sock=control_sock,
+            ticket_callback=tickets,
         )
     except Exception as exc:
         log.error("worker %d cannot start: %s", slot, exc)
@@ -106,3 +110,23 @@ def serve(
     worker.run()
     log.info("worker %d exiting: %s", slot, worker.stats.snapshot())
     return 0
+
+
+def _install_tickets(
+    config: Config,
+    contexts: TlsContexts,
+    seed: tuple[KeyStore, Sequence[int], int] | None,
+) -> TicketCallback | None:
+    """Copy the ring we inherited from the supervisor into our own locked store, wipe the
+    inherited copy, and install the ticket callback on every context."""
+    if not config.tls.tickets.enabled or seed is None:
+        return None
+    inherited, order, seq = seed
+    store = KeyStore()
+    for i, slot in enumerate(order):
+        store.view(i)[:] = inherited.view(slot)
+    inherited.buf.wipe()
+    callback = TicketCallback(store)
+    callback.keys_changed(seq, len(order))
+    callback.install(contexts.contexts)
+    return callback

@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from edgeterm import control
+from edgeterm import control, tickets
 from edgeterm.config import Config, ListenerConfig
 from edgeterm.tls import TlsContexts
 
@@ -57,6 +57,7 @@ class Worker:
         generation: int = 0,
         cpu: int | None = None,
         control_sock: socket.socket | None = None,
+        ticket_callback: tickets.TicketCallback | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
@@ -86,6 +87,7 @@ class Worker:
         self._control = control_sock
         self._decoder = control.Decoder()
         self.last_heartbeat = 0.0
+        self.tickets = ticket_callback
 
     # -- accepting ---------------------------------------------------------------------
     def _make_acceptor(self, lsock: socket.socket, pool: Pool) -> Callable[[], int]:
@@ -178,6 +180,7 @@ class Worker:
             return
         try:
             messages = self._decoder.feed(data)
+            tickets.wipe_bytes(data)
         except control.FrameError as exc:
             log.error("control channel: %s: draining", exc)
             self.loop.remove(self._control.fileno())
@@ -192,10 +195,28 @@ class Worker:
             self.drain()
         elif msg.type == t.STOP:
             self.stop_now()
+        elif msg.type == t.TICKET_KEYS:
+            self._install_ticket_keys(msg.payload)
         elif msg.type in (t.HEARTBEAT, t.STATS_REQUEST):
             # The answer to a heartbeat is our counters: the supervisor's status stays fresh.
             self.last_heartbeat = self.loop.now
             self.send_control(control.encode_json(t.STATS, self.status()))
+
+    def _install_ticket_keys(self, payload: bytes) -> None:
+        cb = self.tickets
+        if cb is None:
+            return
+        try:
+            seq, count = tickets.install_ring(cb.store, payload)
+        except control.FrameError as exc:
+            log.error("control channel: %s", exc)
+            return
+        finally:
+            tickets.wipe_bytes(payload)
+        cb.keys_changed(seq, count)
+        self.send_control(
+            control.encode_json(control.MsgType.ACK, {"of": "TICKET_KEYS", "seq": seq})
+        )
 
     def send_control(self, frame: bytes) -> None:
         if self._control is None:
@@ -212,6 +233,7 @@ class Worker:
             "cpu": self.cpu,
             "generation": self.generation,
             "draining": self.draining,
+            "ticket_seq": self.tickets.seq if self.tickets else None,
             **self.stats.snapshot(),
         }
 
