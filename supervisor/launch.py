@@ -135,10 +135,7 @@ def _detach_stdio(log_file: Path) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(out)
+    logs.setup(log_file, stdio=True)  # stdout/stderr follow the log file, also on SIGUSR1
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
 

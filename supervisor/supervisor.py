@@ -614,7 +614,7 @@ class Supervisor:
             elif signum == signal.SIGHUP:
                 self.reload()
             elif signum == signal.SIGUSR1:
-                logs.reopen(self.serving.config.server.log_file)
+                logs.reopen()
                 for wp in self.workers.values():
                     _kill(wp.pid, signal.SIGUSR1)
 

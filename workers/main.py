@@ -103,7 +103,7 @@ def serve(
             elif signum == signal.SIGQUIT:
                 worker.stop_now()
             elif signum == signal.SIGUSR1:
-                logs.reopen(config.server.log_file)
+                logs.reopen()
 
     worker.loop.add(signals.fileno(), select.EPOLLIN, on_signal)
     log.info("worker %d serving pid=%d cpu=%s generation=%d", slot, os.getpid(), cpu, generation)
