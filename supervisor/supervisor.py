@@ -127,6 +127,11 @@ class Supervisor:
                 self.tickets = TicketKeys(config.tls.tickets, self.loop.now)
             except KeyFileError as exc:
                 raise ConfigError([f"{config_file}: tls.tickets.key_files: {exc}"]) from exc
+            log.info(
+                "ticket keys: %s, in %s memory excluded from core dumps",
+                "from key files" if self.tickets.ring.from_files else "generated",
+                "locked" if self.tickets.store.buf.locked else "UNLOCKED (RLIMIT_MEMLOCK)",
+            )
         groups = self._bind(config, {})
         self.serving = Generation(1, config, contexts, self._slots(config), groups, self.started)
 
@@ -445,19 +450,26 @@ class Supervisor:
         log.info("reloading %s", self.config_file)
         current = self.serving.groups
         staged: list[int] = []
+        fresh: TicketKeys | None = None
         try:
             config = load_config(self.config_file)
             contexts = build_contexts(config.tls, self.config_file)
-            staged = self._stage_ticket_files(config)
+            staged, fresh = self._stage_ticket_files(config)
             groups = self._bind(config, current)
         except (ConfigError, StartupError, OSError, KeyFileError) as exc:
             if staged and self.tickets is not None:
                 self.tickets.discard(staged)
+            if fresh is not None:
+                fresh.close()
             self._reload_failed(str(exc))
             return
         for warning in contexts.warnings:
             log.warning("%s", warning)
-        self._change_ticket_keys(config, staged)
+        if fresh is not None:
+            self.tickets = fresh
+            self._broadcast_tickets()
+        else:
+            self._change_ticket_keys(config, staged)
         gen = Generation(
             self.serving.number + 1, config, contexts, self._slots(config), groups, time.time()
         )
@@ -468,15 +480,16 @@ class Supervisor:
             self._spawn(gen, slot)
 
     # -- ticket keys ---------------------------------------------------------------------
-    def _stage_ticket_files(self, config: Config) -> list[int]:
+    def _stage_ticket_files(self, config: Config) -> tuple[list[int], TicketKeys | None]:
+        """Read new key files without touching the live keys: (staged slots, or a new ring
+        when there was none). Raises KeyFileError naming the config key."""
         cfg = config.tls.tickets
         if not cfg.enabled or not cfg.key_files:
-            return []
-        if self.tickets is None:
-            self.tickets = TicketKeys(cfg, self.loop.now)  # reads the files itself
-            return []
+            return [], None
         try:
-            return self.tickets.stage_files([str(p) for p in cfg.key_files])
+            if self.tickets is None:
+                return [], TicketKeys(cfg, self.loop.now)  # reads the files itself
+            return self.tickets.stage_files([str(p) for p in cfg.key_files]), None
         except KeyFileError as exc:
             raise KeyFileError(f"{self.config_file}: tls.tickets.key_files: {exc}") from exc
 
@@ -488,6 +501,8 @@ class Supervisor:
             return
         now = self.loop.now
         if tickets is None or (tickets.ring.from_files and not cfg.key_files):
+            if tickets is not None:
+                tickets.close()
             self.tickets = TicketKeys(cfg, now)
         elif staged:
             tickets.commit_files(staged, cfg, now)
@@ -523,6 +538,7 @@ class Supervisor:
         tickets = self.tickets
         if (
             tickets is not None
+            and self.serving.config.tls.tickets.enabled
             and not tickets.ring.from_files
             and self.loop.now - tickets.ring.current_since >= tickets.rotate_every - 0.5
         ):

@@ -35,6 +35,10 @@ class TicketKeys:
         self.key_files = tuple(str(p) for p in cfg.key_files)
         self.rotate_every = cfg.rotate_every
 
+    def close(self) -> None:
+        """Wipe every key (this ring is being replaced)."""
+        self.store.buf.wipe()
+
     def rotate(self, now: float, workers: Iterable[int]) -> bool:
         return self.ring.rotate(now, workers)
 
