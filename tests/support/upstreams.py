@@ -176,8 +176,10 @@ class Upstream:
         left = n
         while left > 0:
             data = os.urandom(min(CHUNK, left))
-            writer.write(data)
+            # Record before writing: the bytes can reach the client (and the test thread can
+            # compare hashes) before this coroutine runs again.
             rec.on_sent(data)
+            writer.write(data)
             left -= len(data)
             await writer.drain()
 
