@@ -41,6 +41,7 @@ from edgeterm.errors import StartupError
 __all__ = [
     "ctx_pointer",
     "enable_secure_heap",
+    "has_pending",
     "libssl_path",
     "negotiated_group",
     "self_check",
@@ -179,6 +180,7 @@ class _Lib:
         self.SSL_shutdown = fn("SSL_shutdown", c_int, vp)
         self.SSL_get_shutdown = fn("SSL_get_shutdown", c_int, vp)
         self.SSL_want = fn("SSL_want", c_int, vp)
+        self.SSL_has_pending = fn("SSL_has_pending", c_int, vp)
         self.SSL_get_error = fn("SSL_get_error", c_int, vp, c_int)
         # libcrypto functions, found through libssl's dependency (dlsym searches it).
         self.ERR_get_error = fn("ERR_get_error", ctypes.c_ulong)
@@ -341,7 +343,9 @@ def set_read_ahead(ctx: ssl.SSLContext, on: bool) -> None:
 _ssl_layout_verified = False
 
 
-def _sslobj_of(obj: ssl.SSLSocket | ssl.SSLObject) -> Any:
+def _sslobj_of(obj: Any) -> Any:
+    if type(obj) is _SSLSOCKET_TYPE:
+        return obj  # already the _ssl object (the worker's data path holds it directly)
     sslobj = getattr(obj, "_sslobj", None)
     if type(sslobj) is not _SSLSOCKET_TYPE:
         raise ValueError("the TLS connection is not set up (or already closed)")
@@ -362,7 +366,7 @@ def _verify_ssl_layout(sslobj: Any) -> None:
     _ssl_layout_verified = True
 
 
-def ssl_pointer(obj: ssl.SSLSocket | ssl.SSLObject) -> int:
+def ssl_pointer(obj: Any) -> int:
     """The ``SSL *`` of a connection; the layout is verified on the first call per process."""
     sslobj = _sslobj_of(obj)
     if not _ssl_layout_verified:
@@ -391,7 +395,7 @@ def _take_error_string(lib: _Lib) -> str:
     return buffer.value.decode("ascii", "replace")
 
 
-def shutdown_once(sock: ssl.SSLSocket | ssl.SSLObject) -> int:
+def shutdown_once(sock: Any) -> int:
     """Send our close_notify with a single ``SSL_shutdown`` call; never read from the peer.
 
     Returns 0 once the close_notify is out (or was already sent). Raises
@@ -427,6 +431,16 @@ def shutdown_once(sock: ssl.SSLSocket | ssl.SSLObject) -> int:
     if error == _SSL_ERROR_ZERO_RETURN:
         raise ssl.SSLZeroReturnError(error, "TLS/SSL connection has been closed (EOF)")
     raise ssl.SSLError(error, f"SSL_shutdown failed: {detail or 'unknown error'}")
+
+
+def has_pending(sock: Any) -> bool:
+    """Whether OpenSSL holds bytes not yet returned by a read: decrypted plaintext, or (with
+    read-ahead) raw records it read from the socket but has not processed. Neither wakes
+    epoll, so a reader that paused must check this before waiting for readiness again."""
+    lib = _LIB
+    if lib is None:
+        raise StartupError(_LOAD_ERROR)
+    return bool(lib.SSL_has_pending(ssl_pointer(sock)))
 
 
 def negotiated_group(obj: ssl.SSLSocket | ssl.SSLObject) -> str | None:

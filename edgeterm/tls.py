@@ -97,6 +97,10 @@ def new_server_context(tls: TlsConfig, config_file: str) -> ssl.SSLContext:
         except (ValueError, TypeError) as exc:
             raise ConfigError([f"{config_file}: tls.alpn: {exc}"]) from None
     openssl.set_groups(ctx, GROUPS)
+    # Read whole socket buffers, not a 5-byte header and then a record body: one read(2) per
+    # burst of records instead of two per record. Bytes OpenSSL has read but not yet returned
+    # do not wake epoll; the worker checks openssl.has_pending() where it pauses reading.
+    openssl.set_read_ahead(ctx, True)
     return ctx
 
 

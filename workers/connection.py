@@ -11,8 +11,10 @@ Data path rules (ARCHITECTURE §4):
   chunk (``limits.buffer_size``) and the low-water mark is empty, per direction.
 * A TLS write that would block must be retried with the same bytes, so the pending chunk is a
   ``bytes`` copy made only on that slow path.
-* After a TLS read, plaintext can remain inside OpenSSL, which never wakes epoll: when the read
-  budget runs out with ``pending()`` bytes, the pump is scheduled again for this round.
+* Read-ahead is on (one read(2) per burst of records). Bytes OpenSSL has read but not returned
+  never wake epoll: when the read budget runs out the pump runs again at the end of the round,
+  and wherever client reading resumes (connected, backpressure relieved) ``has_pending`` is
+  checked first.
 * Half-close both ways: client EOF (close_notify or FIN) -> shutdown(SHUT_WR) upstream once the
   pending chunk is flushed; upstream EOF -> close_notify to the client (exactly one
   SSL_shutdown call, see ``edgeterm.openssl.shutdown_once``). Both done -> close.
@@ -26,7 +28,7 @@ import errno
 import select
 import socket
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgeterm import openssl
 from edgeterm.sockets import new_upstream_socket
@@ -46,7 +48,10 @@ LINGER = 1.0  # seconds to wait for the client's EOF after our alert/close_notif
 
 _WantRead = ssl.SSLWantReadError
 _WantWrite = ssl.SSLWantWriteError
-_SSLEOF = ssl.SSLEOFError
+# A clean end: the client's close_notify. CPython returns b"" for it only while we have not
+# sent ours; after our close_notify (upstream closed first) it raises SSLZeroReturnError.
+# SSLEOFError is a FIN without close_notify (a "ragged" EOF), also an end of stream here.
+_SSLEOF = (ssl.SSLEOFError, ssl.SSLZeroReturnError)
 _SSLError = ssl.SSLError
 
 # Close reasons, counted by the worker (Stats.closed_by).
@@ -62,6 +67,7 @@ R_SHUTDOWN = "shutdown"
 
 class Connection:
     __slots__ = (
+        "__weakref__",  # the _ssl object's owner is the connection (see the context setter)
         "attempt",
         "c2u",
         "c2u_off",
@@ -75,10 +81,11 @@ class Connection:
         "notify_wait",
         "pool",
         "so",
+        "sock",
+        "spoke",
         "start",
         "state",
         "timer_entry",
-        "tls",
         "u2c",
         "u2c_shut",
         "u_eof",
@@ -88,11 +95,11 @@ class Connection:
         "w",
     )
 
-    def __init__(self, worker: Worker, tls: ssl.SSLSocket, pool: Pool) -> None:
+    def __init__(self, worker: Worker, sock: socket.socket, so: Any, pool: Pool) -> None:
         self.w = worker
-        self.tls = tls
-        self.so = tls._sslobj  # type: ignore[attr-defined]  # the _ssl object: fewer layers per call
-        self.cfd = tls.fileno()
+        self.sock = sock  # the client's TCP socket
+        self.so = so  # its _ssl._SSLSocket: OpenSSL reads and writes the fd itself
+        self.cfd = sock.fileno()
         self.pool = pool
         self.state = S.ACCEPTED
         self.timer_entry: list[object] | None = None
@@ -111,8 +118,20 @@ class Connection:
         self.c2u_shut = False
         self.u2c_shut = False
         self.notify_wait = False
+        self.spoke = False
         self.n_c2u = 0
         self.n_u2c = 0
+
+    # The SNI callback is handed the _ssl object's owner, this connection, and switches the
+    # certificate by setting ``context`` on it.
+    @property
+    def context(self) -> ssl.SSLContext:
+        ctx: ssl.SSLContext = self.so.context
+        return ctx
+
+    @context.setter
+    def context(self, ctx: ssl.SSLContext) -> None:
+        self.so.context = ctx
 
     # -- lifecycle -----------------------------------------------------------------------
     def begin(self) -> None:
@@ -152,12 +171,14 @@ class Connection:
         elif st == S.HANDSHAKING:
             self._handshake()
         elif st == S.CONNECTING:
-            # The client spoke before the upstream answered: stop listening until it does
-            # (level-triggered epoll would otherwise report the same bytes again and again).
+            # The client spoke before the upstream answered. Level-triggered epoll would report
+            # the same bytes again and again, so stop listening, but only at the end of this
+            # round: the connect often completes in the same round, and then we read at once.
             if ev & EV_BAD:
                 self._close(R_CLIENT_ERROR)
-            else:
-                self._set_client(0)
+            elif not self.spoke:
+                self.spoke = True
+                self.w.loop.call_soon(self._pause_while_connecting)
         elif st == S.CLOSING:
             self._linger(ev)
 
@@ -182,6 +203,10 @@ class Connection:
         self.start = self.pool.first()
         self._connect()
 
+    def _pause_while_connecting(self) -> None:
+        if self.state == S.CONNECTING:
+            self._set_client(0)
+
     def _handshake_failed(self) -> None:
         """OpenSSL has written its fatal alert: make sure it arrives, then close.
 
@@ -195,7 +220,7 @@ class Connection:
 
     def _linger_start(self) -> None:
         try:
-            socket.socket.shutdown(self.tls, socket.SHUT_WR)
+            self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(None)
             return
@@ -205,7 +230,7 @@ class Connection:
 
     def _linger(self, ev: int) -> None:
         try:
-            n = socket.socket.recv_into(self.tls, self.w.mv)
+            n = self.sock.recv_into(self.w.mv)
         except BlockingIOError:
             return
         except OSError:
@@ -255,8 +280,8 @@ class Connection:
         self.deadline = w.loop.now + w.t_idle
         w.loop.arm(self, self.deadline)  # the idle timeout may be shorter than the connect one
         self._update_interest()
-        if self.so.pending():
-            self._pump_c2u()
+        if self.spoke or openssl.has_pending(self.so):
+            self._pump_c2u()  # read-ahead may hold the client's first bytes: epoll won't say
 
     def on_upstream(self, ev: int) -> None:
         st = self.state
@@ -277,7 +302,11 @@ class Connection:
 
     # -- forwarding ----------------------------------------------------------------------
     def _pump_c2u(self) -> None:
-        """Client -> upstream: decrypt into the scratch buffer, write through at once."""
+        """Client -> upstream: decrypt records into the scratch buffer, then one send.
+
+        A TLS read returns at most one record (16 KiB); filling the buffer with several
+        before writing saves send(2) calls in bulk transfers.
+        """
         if self.c_eof or self.c2u is not None:
             return
         w = self.w
@@ -289,35 +318,52 @@ class Connection:
         size = w.bufsize
         self.deadline = w.loop.now + w.t_idle
         for _ in range(_READ_BUDGET):
-            try:
-                n = so.read(size, buf)
-            except (_WantRead, _WantWrite):
-                return
-            except _SSLEOF:
-                n = 0
-            except (_SSLError, OSError):
-                self._close(R_CLIENT_ERROR)
-                return
-            if n == 0:
+            off = 0
+            eof = False
+            while off < size:
+                try:
+                    n = so.read(size - off, mv[off:] if off else buf)
+                except (_WantRead, _WantWrite):
+                    break
+                except _SSLEOF:
+                    n = 0
+                except (_SSLError, OSError):
+                    self._close(R_CLIENT_ERROR)
+                    return
+                if n == 0:
+                    eof = True
+                    break
+                off += n
+            if off:
+                self.n_c2u += off
+                try:
+                    sent = up.send(mv[:off])
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._notify_and_close(R_UPSTREAM_ERROR)
+                    return
+                if sent < off:
+                    self.c2u = mv[sent:off].tobytes()
+                    self.c2u_off = 0
+                    if eof:
+                        self.c_eof = True  # _flush_c2u passes the EOF on after the chunk
+                    self._update_interest()
+                    return
+            if eof:
                 self.c_eof = True
+                if self.u2c_shut:
+                    # Both directions done; the upstream's EOF was read, so closing cannot
+                    # reset it: skip the shutdown and the interest change.
+                    self._close(R_DONE)
+                    return
                 self._update_interest()
                 self._shut_upstream()
                 return
-            self.n_c2u += n
-            try:
-                sent = up.send(mv[:n])
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._notify_and_close(R_UPSTREAM_ERROR)
-                return
-            if sent < n:
-                self.c2u = mv[sent:n].tobytes()
-                self.c2u_off = 0
-                self._update_interest()
-                return
-        if so.pending():
-            w.loop.call_soon(self._pump_c2u)
+            if off < size:
+                return  # would block: epoll tells us when there is more
+        # The budget ran out: OpenSSL may hold more (read-ahead), which epoll will not report.
+        w.loop.call_soon(self._pump_c2u)
 
     def _pump_u2c(self) -> None:
         """Upstream -> client: read into the scratch buffer, encrypt through at once."""
@@ -377,7 +423,7 @@ class Connection:
             self._shut_upstream()
         else:
             self._update_interest()
-            if self.so.pending():
+            if openssl.has_pending(self.so):
                 self._pump_c2u()
 
     def _flush_u2c(self) -> None:
@@ -418,7 +464,7 @@ class Connection:
         if self.u2c is not None or self.u2c_shut:
             return
         try:
-            openssl.shutdown_once(self.tls)
+            openssl.shutdown_once(self.so)
         except _WantWrite:
             self.notify_wait = True
             self._update_interest()
@@ -473,7 +519,7 @@ class Connection:
         self._drop_upstream()
         if not self.u2c_shut:
             try:
-                openssl.shutdown_once(self.tls)
+                openssl.shutdown_once(self.so)
             except (_SSLError, OSError):
                 self._close(None)
                 return
@@ -492,7 +538,7 @@ class Connection:
         w = self.w
         loop = w.loop
         loop.forget(self.cfd)
-        self.tls.close()
+        self.sock.close()
         self._drop_upstream()
         loop.disarm(self)
         if reason is not None:

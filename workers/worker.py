@@ -20,6 +20,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -72,7 +73,9 @@ class Worker:
         self.t_connect = config.timeouts.connect
         self.t_idle = config.timeouts.idle
         self.max_connections = config.limits.max_connections
-        self._wrap = contexts.default.wrap_socket
+        # The low-level wrap (what SSLSocket uses inside): no SSLSocket object per connection,
+        # and none of the getsockopt/getsockname/getpeername/ioctl calls it makes.
+        self._wrap = contexts.default._wrap_socket  # type: ignore[attr-defined]
         self._listeners = list(listeners)
         pools = {name: Pool(up) for name, up in config.upstreams.items()}
         self._acceptors: list[tuple[int, Callable[[], int]]] = [
@@ -115,11 +118,12 @@ class Worker:
                 self._backoff = 0.0
                 try:
                     csock.setblocking(False)
-                    tls = wrap(csock, server_side=True, do_handshake_on_connect=False)
-                except OSError:
+                    so = wrap(csock, True)
+                except (OSError, ssl.SSLError):
                     csock.close()  # reset before we could wrap it
                     continue
-                conn = Connection(self, tls, pool)
+                conn = Connection(self, csock, so, pool)
+                so.owner = conn  # what the SNI callback is handed
                 stats.accepted += 1
                 stats.active += 1
                 taken += 1
