@@ -104,6 +104,8 @@ class TimeoutsConfig:
 class LimitsConfig:
     max_connections: int = 10000  # per worker
     buffer_size: int = 65536  # bytes: per-worker scratch buffer and per-direction pending cap
+    max_handshakes_per_second: int = 0  # per worker; 0 = unlimited; excess waits in the backlog
+    max_handshakes_per_client: int = 0  # concurrent, per client address; 0 = unlimited
 
 
 @dataclass(frozen=True, slots=True)

@@ -545,6 +545,12 @@ def _read_limits(t: _Table) -> LimitsConfig:
     limits = LimitsConfig(
         max_connections=t.get("max_connections", _integer(1), d.max_connections),
         buffer_size=t.get("buffer_size", _integer(4096, 16 * 1024 * 1024), d.buffer_size),
+        max_handshakes_per_second=t.get(
+            "max_handshakes_per_second", _integer(0), d.max_handshakes_per_second
+        ),
+        max_handshakes_per_client=t.get(
+            "max_handshakes_per_client", _integer(0), d.max_handshakes_per_client
+        ),
     )
     t.close()
     return limits

@@ -76,6 +76,7 @@ class Connection:
         "cev",
         "cfd",
         "deadline",
+        "ip",
         "n_c2u",
         "n_u2c",
         "notify_wait",
@@ -119,6 +120,7 @@ class Connection:
         self.u2c_shut = False
         self.notify_wait = False
         self.spoke = False
+        self.ip: str | None = None  # set while a handshake counts against its client address
         self.n_c2u = 0
         self.n_u2c = 0
 
@@ -195,6 +197,9 @@ class Connection:
             self._handshake_failed()
             return
         w = self.w
+        if self.ip is not None:
+            w.handshake_ended(self.ip)
+            self.ip = None
         if self.so.session_reused:
             w.stats.resumed += 1
         else:
@@ -215,6 +220,9 @@ class Connection:
         most ``LINGER`` seconds.
         """
         self.w.stats.count_close(R_HANDSHAKE_FAILED)
+        if self.ip is not None:
+            self.w.handshake_ended(self.ip)
+            self.ip = None
         self.state = S.check(self.state, S.CLOSING)
         self._linger_start()
 
@@ -536,6 +544,9 @@ class Connection:
             return
         self.state = S.check(self.state, S.CLOSED)
         w = self.w
+        if self.ip is not None:
+            w.handshake_ended(self.ip)
+            self.ip = None
         loop = w.loop
         loop.forget(self.cfd)
         self.sock.close()

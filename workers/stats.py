@@ -12,6 +12,8 @@ class Stats:
         "bytes_u2c",
         "closed_by",
         "full_handshakes",
+        "rate_limited",
+        "refused_per_client",
         "resumed",
         "upstream_connect_errors",
         "upstream_connect_timeouts",
@@ -23,6 +25,8 @@ class Stats:
         self.active = 0
         self.accept_errors = 0
         self.full_handshakes = 0
+        self.rate_limited = 0  # times accepting paused for limits.max_handshakes_per_second
+        self.refused_per_client = 0  # closed at accept: limits.max_handshakes_per_client
         self.resumed = 0
         self.upstream_connect_errors = 0
         self.upstream_connect_timeouts = 0

@@ -86,6 +86,12 @@ class Worker:
         self._backoff = 0.0
         self._backoff_call: object | None = None
         self.conns: set[Connection] = set()
+        self.hs_rate = config.limits.max_handshakes_per_second
+        self._tokens = float(self.hs_rate)
+        self._tokens_at = self.loop.now
+        self._rate_call: object | None = None
+        self.hs_per_client = config.limits.max_handshakes_per_client
+        self.hs_by_ip: dict[str, int] = {}
         self.draining = False
         self._control = control_sock
         self._decoder = control.Decoder()
@@ -105,8 +111,10 @@ class Worker:
                 if stats.active >= self.max_connections:
                     self._pause_accepting()
                     return taken
+                if self.hs_rate and not self._take_token():
+                    return taken
                 try:
-                    csock, _addr = accept()
+                    csock, addr = accept()
                 except BlockingIOError:
                     return taken
                 except OSError as exc:
@@ -116,13 +124,25 @@ class Worker:
                         return taken
                     continue  # ECONNABORTED, EPROTO...: that client is gone, the next is not
                 self._backoff = 0.0
+                ip = None
+                if self.hs_per_client:
+                    ip = addr[0]
+                    started = self.hs_by_ip.get(ip, 0)
+                    if started >= self.hs_per_client:
+                        stats.refused_per_client += 1
+                        csock.close()
+                        continue
+                    self.hs_by_ip[ip] = started + 1
                 try:
                     csock.setblocking(False)
                     so = wrap(csock, True)
                 except (OSError, ssl.SSLError):
                     csock.close()  # reset before we could wrap it
+                    if ip is not None:
+                        self.handshake_ended(ip)
                     continue
                 conn = Connection(self, csock, so, pool)
+                conn.ip = ip
                 so.owner = conn  # what the SNI callback is handed
                 stats.accepted += 1
                 stats.active += 1
@@ -133,8 +153,43 @@ class Worker:
 
         return accept_batch
 
+    # -- handshake budget --------------------------------------------------------------
+    def _take_token(self) -> bool:
+        """Token bucket for limits.max_handshakes_per_second (one second of burst). Without a
+        token, stop accepting until one is due: clients wait in the accept queue."""
+        now = self.loop.now
+        tokens = min(float(self.hs_rate), self._tokens + (now - self._tokens_at) * self.hs_rate)
+        self._tokens_at = now
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            return True
+        self._tokens = tokens
+        self.stats.rate_limited += 1
+        self._pause_accepting()
+        if self._rate_call is None:
+
+            def resume() -> None:
+                self._rate_call = None
+                self.start_accepting()
+
+            self._rate_call = self.loop.call_later((1.0 - tokens) / self.hs_rate, resume)
+        return False
+
+    def handshake_ended(self, ip: str) -> None:
+        """A handshake counted against ``ip`` (limits.max_handshakes_per_client) is over."""
+        left = self.hs_by_ip.get(ip, 0) - 1
+        if left > 0:
+            self.hs_by_ip[ip] = left
+        else:
+            self.hs_by_ip.pop(ip, None)
+
     def start_accepting(self) -> None:
-        if self._accepting or self.draining or self._backoff_call is not None:
+        if (
+            self._accepting
+            or self.draining
+            or self._backoff_call is not None
+            or self._rate_call is not None
+        ):
             return
         for fd, accept_batch in self._acceptors:
             self.loop.add(fd, select.EPOLLIN, _on_readable(accept_batch))
