@@ -36,6 +36,7 @@ from edgeterm.sockets import new_upstream_socket
 from . import state as S
 
 if TYPE_CHECKING:
+    from .observe import ConnTrace
     from .upstream import Pool
     from .worker import Worker
 
@@ -81,12 +82,14 @@ class Connection:
         "n_u2c",
         "notify_wait",
         "pool",
+        "reason",
         "so",
         "sock",
         "spoke",
         "start",
         "state",
         "timer_entry",
+        "trace",
         "u2c",
         "u2c_shut",
         "u_eof",
@@ -121,6 +124,8 @@ class Connection:
         self.notify_wait = False
         self.spoke = False
         self.ip: str | None = None  # set while a handshake counts against its client address
+        self.trace: ConnTrace | None = None  # only for sampled / access-logged connections
+        self.reason = R_DONE  # why a lingering close ends (set by _notify_and_close)
         self.n_c2u = 0
         self.n_u2c = 0
 
@@ -204,6 +209,8 @@ class Connection:
             w.stats.resumed += 1
         else:
             w.stats.full_handshakes += 1
+        if self.trace is not None:
+            self.trace.handshake_done(self.so, w.loop.now)
         self.state = S.check(self.state, S.CONNECTING)
         self.start = self.pool.first()
         self._connect()
@@ -220,6 +227,9 @@ class Connection:
         most ``LINGER`` seconds.
         """
         self.w.stats.count_close(R_HANDSHAKE_FAILED)
+        self.reason = R_HANDSHAKE_FAILED
+        if self.trace is not None:
+            self.trace.handshake_failed(R_HANDSHAKE_FAILED, self.w.loop.now)
         if self.ip is not None:
             self.w.handshake_ended(self.ip)
             self.ip = None
@@ -286,10 +296,16 @@ class Connection:
         w = self.w
         self.state = S.check(self.state, S.PROXYING)
         self.deadline = w.loop.now + w.t_idle
+        if self.trace is not None:
+            self.trace.upstream_connected(self.upstream_name(), w.loop.now)
         w.loop.arm(self, self.deadline)  # the idle timeout may be shorter than the connect one
         self._update_interest()
         if self.spoke or openssl.has_pending(self.so):
             self._pump_c2u()  # read-ahead may hold the client's first bytes: epoll won't say
+
+    def upstream_name(self) -> str:
+        addr = self.pool.server(self.start, self.attempt - 1)
+        return str(addr) if addr is not None else ""
 
     def on_upstream(self, ev: int) -> None:
         st = self.state
@@ -524,6 +540,7 @@ class Connection:
         Without close_notify, OpenSSL clients treat the session as broken and never resume it.
         """
         self.w.stats.count_close(reason)
+        self.reason = reason
         self._drop_upstream()
         if not self.u2c_shut:
             try:
@@ -554,4 +571,6 @@ class Connection:
         loop.disarm(self)
         if reason is not None:
             w.stats.count_close(reason)
+        if self.trace is not None:
+            self.trace.closed(reason or self.reason, self.n_c2u, self.n_u2c, loop.now)
         w.connection_closed(self)

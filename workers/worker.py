@@ -30,6 +30,7 @@ from edgeterm.tls import TlsContexts
 
 from .connection import Connection
 from .loop import Loop
+from .observe import Observer
 from .stats import Stats
 from .upstream import Pool
 
@@ -59,6 +60,7 @@ class Worker:
         cpu: int | None = None,
         control_sock: socket.socket | None = None,
         ticket_callback: tickets.TicketCallback | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
@@ -97,6 +99,7 @@ class Worker:
         self._decoder = control.Decoder()
         self.last_heartbeat = 0.0
         self.tickets = ticket_callback
+        self.observer = observer
 
     # -- accepting ---------------------------------------------------------------------
     def _make_acceptor(self, lsock: socket.socket, pool: Pool) -> Callable[[], int]:
@@ -143,6 +146,8 @@ class Worker:
                     continue
                 conn = Connection(self, csock, so, pool)
                 conn.ip = ip
+                if self.observer is not None:
+                    conn.trace = self.observer.begin(addr, self.loop.now)
                 so.owner = conn  # what the SNI callback is handed
                 stats.accepted += 1
                 stats.active += 1
