@@ -443,6 +443,14 @@ def has_pending(sock: Any) -> bool:
     return bool(lib.SSL_has_pending(ssl_pointer(sock)))
 
 
+def has_pending_function() -> Any:
+    """``SSL_has_pending`` itself, for a hot loop that caches the ``SSL *`` (``ssl_pointer``)."""
+    lib = _LIB
+    if lib is None:
+        raise StartupError(_LOAD_ERROR)
+    return lib.SSL_has_pending
+
+
 def negotiated_group(obj: ssl.SSLSocket | ssl.SSLObject) -> str | None:
     """The key exchange group of a finished handshake (OpenSSL short name, e.g. ``X25519``)."""
     lib = _lib()

@@ -44,6 +44,7 @@ EV_IN = select.EPOLLIN
 EV_OUT = select.EPOLLOUT
 EV_BAD = select.EPOLLERR | select.EPOLLHUP
 
+_has_pending = openssl.has_pending_function()
 _READ_BUDGET = 8  # reads per readiness event and direction, so one busy peer cannot starve others
 LINGER = 1.0  # seconds to wait for the client's EOF after our alert/close_notify
 
@@ -86,6 +87,7 @@ class Connection:
         "so",
         "sock",
         "spoke",
+        "sslp",
         "start",
         "state",
         "timer_entry",
@@ -123,6 +125,7 @@ class Connection:
         self.u2c_shut = False
         self.notify_wait = False
         self.spoke = False
+        self.sslp = 0  # the SSL * of ``so``, read once when first needed
         self.ip: str | None = None  # set while a handshake counts against its client address
         self.trace: ConnTrace | None = None  # only for sampled / access-logged connections
         self.reason = R_DONE  # why a lingering close ends (set by _notify_and_close)
@@ -300,8 +303,12 @@ class Connection:
             self.trace.upstream_connected(self.upstream_name(), w.loop.now)
         w.loop.arm(self, self.deadline)  # the idle timeout may be shorter than the connect one
         self._update_interest()
-        if self.spoke or openssl.has_pending(self.so):
+        if self.spoke or _has_pending(self.sslp or self._ssl_pointer()):
             self._pump_c2u()  # read-ahead may hold the client's first bytes: epoll won't say
+
+    def _ssl_pointer(self) -> int:
+        self.sslp = openssl.ssl_pointer(self.so)
+        return self.sslp
 
     def upstream_name(self) -> str:
         addr = self.pool.server(self.start, self.attempt - 1)
@@ -358,6 +365,12 @@ class Connection:
                     eof = True
                     break
                 off += n
+                # Stop at a short read unless OpenSSL still holds bytes (read-ahead): another
+                # read would only cost a read(2) failing with EAGAIN and an exception; bytes
+                # still in the kernel wake epoll again (level-triggered).
+                sslp = self.sslp or self._ssl_pointer()
+                if not _has_pending(sslp):
+                    break
             if off:
                 self.n_c2u += off
                 try:
@@ -385,7 +398,7 @@ class Connection:
                 self._shut_upstream()
                 return
             if off < size:
-                return  # would block: epoll tells us when there is more
+                return  # nothing buffered: epoll tells us when there is more
         # The budget ran out: OpenSSL may hold more (read-ahead), which epoll will not report.
         w.loop.call_soon(self._pump_c2u)
 
@@ -399,6 +412,7 @@ class Connection:
         assert up is not None
         buf = w.buf
         mv = w.mv
+        size = w.bufsize
         self.deadline = w.loop.now + w.t_idle
         for _ in range(_READ_BUDGET):
             try:
@@ -423,6 +437,8 @@ class Connection:
             except (_SSLError, OSError):
                 self._close(R_CLIENT_ERROR)
                 return
+            if n < size:
+                return  # short read: the socket is drained; epoll reports the next bytes
 
     def _flush_c2u(self) -> None:
         data = self.c2u
@@ -447,7 +463,7 @@ class Connection:
             self._shut_upstream()
         else:
             self._update_interest()
-            if openssl.has_pending(self.so):
+            if _has_pending(self.sslp or self._ssl_pointer()):
                 self._pump_c2u()
 
     def _flush_u2c(self) -> None:
