@@ -7,7 +7,8 @@ problems of one certificate are reported together in one :class:`ConfigError`.
 Checks: the files are readable and hold a certificate / an unencrypted private key; the key
 matches the first (server) certificate; each certificate is issued (and signed) by the next one;
 no certificate is expired or not yet valid (a warning within :data:`EXPIRY_WARNING_DAYS`); the
-key is usable for TLS (RSA >= 2048 bits, ECDSA on P-256/P-384/P-521, Ed25519/Ed448).
+key is usable for TLS (RSA >= 2048 bits, ECDSA on P-256/P-384/P-521, Ed25519/Ed448). A file
+holding the private key that every user may read (mode o+r) is a warning.
 
 The names a certificate covers are its subjectAltName DNS names, lowercased; the subject CN is
 used only when there is no DNS name in the subjectAltName (RFC 6125).
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,6 +190,26 @@ def _parse_key(data: bytes, path: Path, which: str, problems: _Problems) -> _Ser
     return None
 
 
+def _check_key_mode(path: Path, which: str, problems: _Problems) -> None:
+    """Warn when every user of the host may read the file holding the private key.
+
+    Only the "other" read bit: a key readable by its group is the documented deployment
+    (deploy/systemd: 0640 with the edgeterm group; deploy/kubernetes: 0440), as with Debian's
+    ``ssl-cert`` group. A warning, not an error. The owner and the directories above are not
+    checked.
+    """
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return  # it was just read; a vanished file is not this check's problem
+    if mode & stat.S_IROTH:
+        problems.warn(
+            which,
+            f"the private key file {path} is readable by other users (mode {mode:04o}); "
+            "chmod 600 it",
+        )
+
+
 def _spki(cert_or_key: x509.Certificate | _ServerKey) -> bytes:
     return cert_or_key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -306,6 +329,8 @@ def load_certificate(
     if cfg.key is None:
         if cert_data is not None and b"-----BEGIN" in cert_data:
             key = _parse_key(cert_data, cfg.cert, "cert", problems)
+            if key is not None:
+                _check_key_mode(cfg.cert, "cert", problems)
         elif cert_data is not None:
             problems.error(
                 "cert",
@@ -315,6 +340,8 @@ def load_certificate(
         key_data = _read(cfg.key, "key", problems)
         if key_data is not None:
             key = _parse_key(key_data, cfg.key, "key", problems)
+            if key is not None:
+                _check_key_mode(cfg.key, "key", problems)
 
     names: tuple[str, ...] = ()
     if chain is not None:

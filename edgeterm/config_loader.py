@@ -131,7 +131,12 @@ def _quote(text: str, limit: int = 80) -> str:
     if len(text) > limit:
         text = text[:limit] + "..."
     quoted = json.dumps(text, ensure_ascii=False)
-    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in quoted)
+    return "".join(c if c.isprintable() else _escape(c) for c in quoted)
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _describe(value: object) -> str:
@@ -240,7 +245,7 @@ def _system_user(value: object) -> str | None:
     if name is not None:
         try:
             pwd.getpwnam(name)
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL in the name
             raise _Invalid(f"no such user {_quote(name)} on this system") from None
     return name
 
@@ -250,7 +255,7 @@ def _system_group(value: object) -> str | None:
     if name is not None:
         try:
             grp.getgrnam(name)
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL in the name
             raise _Invalid(f"no such group {_quote(name)} on this system") from None
     return name
 

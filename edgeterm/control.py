@@ -46,7 +46,7 @@ class Message:
     def json(self) -> dict[str, Any]:
         try:
             obj = json.loads(self.payload) if self.payload else {}
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise FrameError(f"{self.type.name}: payload is not JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise FrameError(f"{self.type.name}: payload is not a JSON object")

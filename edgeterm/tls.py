@@ -74,7 +74,7 @@ def new_server_context(tls: TlsConfig, config_file: str) -> ssl.SSLContext:
     ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
     try:
         ctx.set_ciphers(ciphers)  # TLS 1.2 and below; TLS 1.3 keeps all its (AEAD) suites
-    except ssl.SSLError as exc:
+    except (ssl.SSLError, ValueError) as exc:  # ValueError: a NUL in the string
         raise ConfigError(
             [f"{config_file}: tls.ciphers: OpenSSL accepts no cipher from {tls.ciphers!r} ({exc})"]
         ) from None

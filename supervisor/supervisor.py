@@ -295,8 +295,11 @@ class Supervisor:
             self._check_generations()
         elif msg.type == t.ACK:
             ack = msg.json()
+            seq = ack.get("seq")
             if ack.get("of") == "TICKET_KEYS" and self.tickets is not None:
-                self.tickets.ring.ack(wp.pid, int(ack.get("seq", 0)))
+                if not isinstance(seq, int) or isinstance(seq, bool):
+                    raise control.FrameError(f"ACK: seq is not an integer: {seq!r}")
+                self.tickets.ring.ack(wp.pid, seq)
         elif msg.type == t.BOOT_ERROR:
             wp.boot_error = str(msg.json().get("error", "unknown error"))
 
@@ -680,7 +683,7 @@ class Supervisor:
             request = json.loads(bytes(buf).split(b"\n", 1)[0] or b"{}")
             cmd = request.get("cmd") if isinstance(request, dict) else None
             answer = self.status() if cmd == "status" else {"error": f"unknown command {cmd!r}"}
-        except ValueError:
+        except (ValueError, RecursionError):
             answer = {"error": "request is not JSON"}
         self.loop.remove(fd)
         del self._admin_conns[fd]

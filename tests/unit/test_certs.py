@@ -173,6 +173,7 @@ def test_no_name_at_all_is_a_warning(tmp_path: Path) -> None:
     )
     path = tmp_path / "c.pem"
     path.write_bytes(pem(cert) + key_pem)
+    path.chmod(0o600)  # a key readable by others would add its own warning
     loaded = load(path, None)
     assert loaded.names == ()
     assert loaded.warnings == (
