@@ -135,6 +135,7 @@ def check_config(config_file: str) -> None:
     from edgeterm import openssl
     from edgeterm.config_loader import load_config
     from edgeterm.tls import build_contexts
+    from edgeterm.workers.route import check_routes
 
     try:
         config = load_config(config_file)
@@ -143,11 +144,12 @@ def check_config(config_file: str) -> None:
     try:
         openssl.self_check()
         contexts = build_contexts(config.tls, config_file)
+        route_warnings = check_routes(config, contexts, config_file)  # docs/routing.md
     except ConfigError as exc:
         _fail(exc.errors, EXIT_CONFIG)
     except StartupError as exc:
         _fail([f"edgeterm: {exc}"], EXIT_STARTUP)
-    for warning in contexts.warnings:
+    for warning in (*contexts.warnings, *route_warnings):
         click.echo(f"warning: {warning}", err=True)
     click.echo("ok")
 
@@ -254,6 +256,9 @@ def status(config_file: str, as_json: bool) -> None:
             f"{w['slot']:>4} {w['pid']:>8} {cpu:>4} {w['generation']:>4} {state:>9} "
             f"{w['active']:>7} {w['handshakes']:>11}"
         )
+    for pool, servers in st.get("upstreams", {}).items():  # active health checks
+        for key, server in servers.items():
+            click.echo(f"upstream {pool} {key}: {'up' if server['up'] else 'DOWN'}")
 
 
 @main.command()

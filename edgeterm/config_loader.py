@@ -22,12 +22,17 @@ from pathlib import Path
 from typing import Final, Literal, TypeVar
 
 from edgeterm.config import (
+    AcceptProxy,
     Address,
     BalanceMode,
     CertificateConfig,
+    ClientAuth,
     Config,
     LimitsConfig,
     ListenerConfig,
+    ProxyProtocol,
+    ProxyTlv,
+    RouteConfig,
     ServerConfig,
     TelemetryConfig,
     TicketsConfig,
@@ -37,6 +42,8 @@ from edgeterm.config import (
     UpstreamConfig,
 )
 from edgeterm.errors import ConfigError
+from edgeterm.health import HealthSettings
+from edgeterm.telemetry import parse_otlp_endpoint
 
 __all__ = ["load_config", "parse_address"]
 
@@ -52,7 +59,26 @@ _HOSTNAME_RE: Final = re.compile(
     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
 )
 _TLS_VERSIONS: Final[dict[str, TlsVersionName]] = {"TLSv1.2": "TLSv1.2", "TLSv1.3": "TLSv1.3"}
-_BALANCE_MODES: Final[dict[str, BalanceMode]] = {"round_robin": "round_robin"}
+_BALANCE_MODES: Final[dict[str, BalanceMode]] = {
+    "round_robin": "round_robin",
+    "least_conn": "least_conn",
+    "two_choices": "two_choices",
+    "source_hash": "source_hash",
+}
+_ACCEPT_PROXY: Final[dict[str, AcceptProxy]] = {
+    "none": "none",
+    "v1": "v1",
+    "v2": "v2",
+    "any": "any",
+}
+_PROXY_PROTOCOL: Final[dict[str, ProxyProtocol]] = {"none": "none", "v1": "v1", "v2": "v2"}
+_PROXY_TLVS: Final[dict[str, ProxyTlv]] = {"alpn": "alpn", "authority": "authority", "ssl": "ssl"}
+_CLIENT_AUTH: Final[dict[str, ClientAuth]] = {
+    "none": "none",
+    "optional": "optional",
+    "required": "required",
+}
+_UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes with its NUL
 
 
 # --- addresses ---------------------------------------------------------------------------------
@@ -351,6 +377,15 @@ def _list_of(item: Validator[T], *, non_empty: bool = False) -> Validator[tuple[
     return check
 
 
+def _cidr(value: object) -> str:
+    """An IP network (``10.0.0.0/8``, ``2001:db8::/32``) or a single address, normalised."""
+    text = _non_empty_string(value)
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise _Invalid(f"expected an IP network such as 10.0.0.0/8, got {_quote(text)}") from None
+
+
 # --- the reader: one TOML table, its key path, and the shared error list -----------------------
 
 
@@ -472,6 +507,11 @@ def _read_listeners(root: _Table) -> tuple[list[ListenerConfig], list[tuple[_Tab
         bind = t.require("bind", _address(allow_port_zero=True))
         upstream = t.require("upstream", _non_empty_string)
         backlog = t.get("backlog", _integer(1, 65535), 1024)
+        tcp_fastopen = t.get("tcp_fastopen", _integer(0, 65535), 0)
+        defer_accept = t.get("defer_accept", _defer_accept, 0)
+        accept_proxy: AcceptProxy = t.get("accept_proxy", _choice(_ACCEPT_PROXY), "none")
+        proxy_timeout = t.get("proxy_timeout", _number(positive=True), 5.0)
+        proxy_from = t.get("proxy_from", _list_of(_cidr), ())
         t.close()
         if name is not None:
             if name in names:
@@ -486,8 +526,29 @@ def _read_listeners(root: _Table) -> tuple[list[ListenerConfig], list[tuple[_Tab
         if upstream is not None:
             references.append((t, upstream))
         if name is not None and bind is not None and upstream is not None:
-            listeners.append(ListenerConfig(name, bind, upstream, backlog))
+            listeners.append(
+                ListenerConfig(
+                    name,
+                    bind,
+                    upstream,
+                    backlog,
+                    tcp_fastopen=tcp_fastopen,
+                    defer_accept=defer_accept,
+                    accept_proxy=accept_proxy,
+                    proxy_timeout=proxy_timeout,
+                    proxy_from=proxy_from,
+                )
+            )
     return listeners, references
+
+
+def _defer_accept(value: object) -> int:
+    """``listeners.defer_accept``: true (1 s), false (0), or whole seconds 0..3600."""
+    if isinstance(value, bool):
+        return 1 if value else 0
+    if not isinstance(value, int):
+        raise _Invalid(_expected("a boolean or a number of seconds", value))
+    return _integer(0, 3600)(value)
 
 
 def _read_tls(t: _Table, base: Path) -> TlsConfig | None:
@@ -513,12 +574,81 @@ def _read_tls(t: _Table, base: Path) -> TlsConfig | None:
         ciphers=t.get("ciphers", _non_empty_string, "intermediate"),
         alpn=t.get("alpn", _list_of(_alpn_protocol), ("http/1.1",)),
         tickets=tickets,
+        strict_sni=t.get("strict_sni", _boolean, False),
+        client_auth=t.get("client_auth", _choice(_CLIENT_AUTH), "none"),
+        client_ca=t.get("client_ca", _optional_path(base), None),
+        client_crl=t.get("client_crl", _optional_path(base), None),
     )
+    if tls.client_auth != "none" and tls.client_ca is None:
+        t.error("client_ca", f'required with client_auth = "{tls.client_auth}"')
     t.close()
     return tls if certificates else None
 
 
-def _read_upstreams(root: _Table) -> tuple[dict[str, UpstreamConfig], list[str]]:
+def _server_address(base: Path) -> Validator[Address]:
+    """An upstream server: ``host:port``, ``[v6]:port`` or ``unix:/path`` (a relative path
+    resolves against the config file's directory)."""
+    tcp = _address(allow_port_zero=False)
+
+    def check(value: object) -> Address:
+        text = _string(value)
+        if not text.startswith("unix:"):
+            return tcp(text)
+        raw = text[5:]
+        if not raw:
+            raise _Invalid(f"expected unix:/path/to/socket, got {_quote(text)}")
+        if "\0" in raw:
+            raise _Invalid("a path cannot contain a NUL character")
+        path = os.path.normpath(base / raw)
+        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+            raise _Invalid(f"socket path {_quote(path)} is over {_UNIX_PATH_MAX} bytes")
+        return Address(path, 0, socket.AF_UNIX)
+
+    return check
+
+
+_SERVER_KEYS: Final = ("address", "weight", "max_conns")
+
+
+def _server_entry(base: Path) -> Validator[tuple[Address, int, int]]:
+    """A server as a string (weight 1, no cap) or ``{address, weight, max_conns}``."""
+    as_address = _server_address(base)
+    fields: dict[str, Validator[int]] = {"weight": _integer(1, 256), "max_conns": _integer(0)}
+
+    def check(value: object) -> tuple[Address, int, int]:
+        if isinstance(value, str):
+            return as_address(value), 1, 0
+        if not isinstance(value, dict):
+            raise _Invalid(_expected("an address string or a table {address, weight, ...}", value))
+        problems: list[tuple[str, str]] = []
+        for key in value:
+            if key not in _SERVER_KEYS:
+                hint = difflib.get_close_matches(key, _SERVER_KEYS, n=1)
+                more = f" (did you mean {_quote(hint[0])}?)" if hint else ""
+                problems.append((f".{_key_path('', key)}", f"unknown key{more}"))
+        address: Address | None = None
+        if "address" not in value:
+            problems.append((".address", "missing required key"))
+        else:
+            try:
+                address = as_address(value["address"])
+            except _Invalid as exc:
+                problems += [(".address" + s, m) for s, m in exc.problems]
+        numbers = {"weight": 1, "max_conns": 0}
+        for key, validate in fields.items():
+            if key in value:
+                try:
+                    numbers[key] = validate(value[key])
+                except _Invalid as exc:
+                    problems += [(f".{key}" + s, m) for s, m in exc.problems]
+        if problems or address is None:
+            raise _Invalid.many(problems)
+        return address, numbers["weight"], numbers["max_conns"]
+
+    return check
+
+
+def _read_upstreams(root: _Table, base: Path) -> tuple[dict[str, UpstreamConfig], list[str]]:
     """The pools, and the names of all pools in the file (valid or not, for listener errors)."""
     value = root.data.get("upstreams")
     t = root.table("upstreams")
@@ -526,12 +656,116 @@ def _read_upstreams(root: _Table) -> tuple[dict[str, UpstreamConfig], list[str]]
         root.error("upstreams", "at least one [upstreams.<name>] table is required")
     pools = {}
     for name, p in t.named_tables():
-        servers = p.require("servers", _list_of(_address(allow_port_zero=False), non_empty=True))
-        balance: BalanceMode = p.get("balance", _choice(_BALANCE_MODES), "round_robin")
+        d = UpstreamConfig(name, ())
+        entries = p.require("servers", _list_of(_server_entry(base), non_empty=True))
+        balance: BalanceMode = p.get("balance", _choice(_BALANCE_MODES), d.balance)
+        proxy: ProxyProtocol = p.get("proxy_protocol", _choice(_PROXY_PROTOCOL), d.proxy_protocol)
+        tlvs_given = "proxy_tlvs" in p.data
+        tlvs = p.get("proxy_tlvs", _list_of(_choice(_PROXY_TLVS)), d.proxy_tlvs)
+        if tlvs_given and proxy != "v2":
+            p.error("proxy_tlvs", 'TLVs exist only in PROXY v2: set proxy_protocol = "v2"')
+        max_attempts = p.get("max_attempts", _integer(0, 1000), d.max_attempts)
+        passive = p.table("passive")
+        fail_threshold = passive.get("fail_threshold", _integer(0, 1000), d.fail_threshold)
+        down_for = passive.get("down_for", _number(positive=True), d.down_for)
+        passive.close()
+        health = None
+        if "health" in p.data:
+            h = p.table("health")
+            hd = HealthSettings()
+            positive = _number(positive=True)
+            health = HealthSettings(
+                interval=h.get("interval", positive, hd.interval),
+                timeout=h.get("timeout", positive, hd.timeout),
+                rise=h.get("rise", _integer(1, 100), hd.rise),
+                fall=h.get("fall", _integer(1, 100), hd.fall),
+            )
+            h.close()
         p.close()
-        if servers is not None:
-            pools[name] = UpstreamConfig(name, servers, balance)
+        if entries is None:
+            continue
+        seen: dict[str, int] = {}
+        for index, (address, _w, _c) in enumerate(entries):
+            first = seen.setdefault(str(address), index)
+            if first != index:
+                p.error(
+                    "servers", f"{address} is listed twice (also servers[{first}])", f"[{index}]"
+                )
+        pools[name] = UpstreamConfig(
+            name,
+            tuple(e[0] for e in entries),
+            balance,
+            weights=tuple(e[1] for e in entries),
+            max_conns=tuple(e[2] for e in entries),
+            proxy_protocol=proxy,
+            proxy_tlvs=tlvs,
+            max_attempts=max_attempts,
+            fail_threshold=fail_threshold,
+            down_for=down_for,
+            health=health,
+        )
     return pools, sorted(t.data)
+
+
+def _route_name(value: object) -> str:
+    """A route's SNI: a host name or ``*.`` + a host name, lowercased, without trailing dot."""
+    text = _non_empty_string(value).lower()
+    if text.endswith(".") and len(text) > 1:
+        text = text[:-1]
+    host = text[2:] if text.startswith("*.") else text
+    if "*" in host:
+        raise _Invalid(
+            f"invalid name {_quote(text)}: a wildcard is a whole first label only, as in "
+            '"*.example.com"'
+        )
+    if not _HOSTNAME_RE.fullmatch(host) or host.endswith("."):
+        raise _Invalid(f"invalid host name {_quote(text)}")
+    return text
+
+
+def _route_names(value: object) -> tuple[str, ...]:
+    if isinstance(value, list):
+        return _list_of(_route_name, non_empty=True)(value)
+    return (_route_name(value),)
+
+
+def _read_routes(
+    root: _Table, tls: TlsConfig | None, pool_names: list[str], listener_names: set[str]
+) -> list[RouteConfig]:
+    """``[[routes]]``: checked against the pools, the listeners and ``tls.alpn``."""
+    routes: list[RouteConfig] = []
+    seen: dict[tuple[str, str, str | None], str] = {}
+    for t in root.tables("routes"):
+        names = t.require("sni", _route_names)
+        upstream = t.require("upstream", _non_empty_string)
+        alpn = t.get("alpn", _alpn_protocol, None)
+        only = t.get("listeners", _list_of(_name, non_empty=True), ())
+        t.close()
+        if upstream is not None and upstream not in pool_names:
+            known = ", ".join(pool_names) or "none"
+            t.error("upstream", f"no pool named {_quote(upstream)} in [upstreams] (known: {known})")
+        if alpn is not None and tls is not None and alpn not in tls.alpn:
+            t.error(
+                "alpn",
+                f"{_quote(alpn)} is not in tls.alpn, so no connection can negotiate it "
+                "(the route would never match)",
+            )
+        for index, lname in enumerate(only):
+            if lname not in listener_names:
+                known = ", ".join(sorted(listener_names)) or "none"
+                t.error(
+                    "listeners", f"no listener named {_quote(lname)} (known: {known})", f"[{index}]"
+                )
+        for name in names or ():
+            for scope in only or ("*",):
+                first = seen.setdefault((scope, name, alpn), t.path)
+                if first != t.path:
+                    where = "every listener" if scope == "*" else f"listener {_quote(scope)}"
+                    with_alpn = f" with alpn {_quote(alpn)}" if alpn is not None else ""
+                    t.error("sni", f"{name}{with_alpn} on {where} is already routed by {first}")
+        if names is not None and upstream is not None:
+            routes.append(RouteConfig(names, upstream, alpn, only))
+    return routes
 
 
 def _read_timeouts(t: _Table) -> TimeoutsConfig:
@@ -561,11 +795,59 @@ def _read_limits(t: _Table) -> LimitsConfig:
     return limits
 
 
-def _read_telemetry(t: _Table) -> TelemetryConfig:
+def _otlp_endpoint(value: object) -> str:
+    text = _string(value)
+    if text:
+        try:
+            parse_otlp_endpoint(text)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+    return text
+
+
+_HEADER_NAME_RE: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+_HEADER_VALUE_RE: Final = re.compile(r"[\x20-\x7e\t]*")
+
+
+def _headers(value: object) -> tuple[tuple[str, str], ...]:
+    """A table of header name -> string value (names lowercased: gRPC metadata requires it)."""
+    if not isinstance(value, dict):
+        raise _Invalid(_expected("a table of strings", value))
+    items: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = []
+    for name, raw in value.items():
+        suffix = "." + (name if _BARE_KEY_RE.fullmatch(name) else _quote(name, limit=40))
+        if not _HEADER_NAME_RE.fullmatch(name):
+            problems.append((suffix, f"invalid header name {_quote(name)}"))
+        elif not isinstance(raw, str):
+            problems.append((suffix, _expected("a string", raw)))
+        elif not _HEADER_VALUE_RE.fullmatch(raw):
+            problems.append((suffix, "a header value must be printable ASCII on one line"))
+        else:
+            items.append((name.lower(), raw))
+    if problems:
+        raise _Invalid.many(problems)
+    return tuple(items)
+
+
+def _optional_address(value: object) -> Address | None:
+    """ "host:port", or "" for none (port 0 picks a free port)."""
+    if value == "":
+        return None
+    return _address(allow_port_zero=True)(value)
+
+
+def _read_telemetry(t: _Table, base: Path) -> TelemetryConfig:
     d = TelemetryConfig()
     telemetry = TelemetryConfig(
-        otlp_endpoint=t.get("otlp_endpoint", _string, d.otlp_endpoint),
+        otlp_endpoint=t.get("otlp_endpoint", _otlp_endpoint, d.otlp_endpoint),
         sample_ratio=t.get("sample_ratio", _number(lo=0.0, hi=1.0), d.sample_ratio),
+        service_name=t.get("service_name", _non_empty_string, d.service_name),
+        headers=t.get("headers", _headers, d.headers),
+        export_interval=t.get("export_interval", _number(lo=0.05, hi=3600.0), d.export_interval),
+        prometheus_bind=t.get("prometheus_bind", _optional_address, d.prometheus_bind),
+        access_log=t.get("access_log", _boolean, d.access_log),
+        access_log_file=t.get("access_log_file", _optional_path(base), d.access_log_file),
     )
     t.close()
     return telemetry
@@ -600,10 +882,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     server = _read_server(root.table("server"), base)
     listeners, references = _read_listeners(root)
     tls = _read_tls(root.table("tls"), base)
-    upstreams, pool_names = _read_upstreams(root)
+    upstreams, pool_names = _read_upstreams(root, base)
     timeouts = _read_timeouts(root.table("timeouts"))
     limits = _read_limits(root.table("limits"))
-    telemetry = _read_telemetry(root.table("telemetry"))
+    telemetry = _read_telemetry(root.table("telemetry"), base)
+    routes = _read_routes(root, tls, pool_names, {lst.name for lst in listeners})
     root.close()
     for listener, upstream in references:
         if upstream not in pool_names:
@@ -624,4 +907,5 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         timeouts=timeouts,
         limits=limits,
         telemetry=telemetry,
+        routes=tuple(routes),
     )

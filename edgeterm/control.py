@@ -32,6 +32,9 @@ class MsgType(enum.IntEnum):
     TICKET_KEYS = 7  # supervisor -> worker: the ticket key ring (binary)
     ACK = 8  # worker -> supervisor: {"of": type, ...}
     BOOT_ERROR = 9  # worker -> supervisor: {"error": why the worker cannot serve}
+    # supervisor -> worker: active health check results (docs/routing.md);
+    # payload {"pool": name, "servers": [[server key, up], ...]}
+    UPSTREAM_STATE = 10
 
 
 class FrameError(Exception):

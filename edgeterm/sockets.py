@@ -43,13 +43,36 @@ def _check_free(addr: Address) -> None:
         probe.close()
 
 
+def set_listener_options(sock: socket.socket, *, tcp_fastopen: int, defer_accept: int) -> None:
+    """``listeners.tcp_fastopen`` and ``listeners.defer_accept`` on a listening socket.
+
+    Both are set on every bind and again on every reload (a reused socket takes the new
+    values; 0 turns them off).
+
+    * TCP_FASTOPEN: the length of the queue of TFO connections not yet accepted. A client's
+      SYN can then carry its ClientHello, saving a round trip on reconnects; the kernel also
+      needs the server bit (2) of ``net.ipv4.tcp_fastopen`` (deploy/sysctl/90-edgeterm.conf).
+    * TCP_DEFER_ACCEPT: seconds during which the kernel keeps a connection whose client has not
+      sent anything yet (the ClientHello) out of the accept queue, so a worker is not woken for
+      a bare handshake.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, tcp_fastopen)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
+
+
 def bind_group(
-    addr: Address, backlog: int, count: int, *, check_free: bool = True
+    addr: Address,
+    backlog: int,
+    count: int,
+    *,
+    check_free: bool = True,
+    tcp_fastopen: int = 0,
+    defer_accept: int = 0,
 ) -> list[socket.socket]:
     """Bind ``count`` SO_REUSEPORT listening sockets on ``addr`` (port 0: one free port).
 
     ``check_free=False`` joins sockets to a group this process already holds (more workers
-    after a reload).
+    after a reload). ``tcp_fastopen``/``defer_accept``: see ``set_listener_options``.
     """
     if addr.port != 0 and check_free:
         _check_free(addr)
@@ -68,6 +91,8 @@ def bind_group(
             port = sock.getsockname()[1]
             # Accepted sockets inherit TCP_NODELAY from the listener: no setsockopt per client.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tcp_fastopen or defer_accept:
+                set_listener_options(sock, tcp_fastopen=tcp_fastopen, defer_accept=defer_accept)
             sock.listen(backlog)
             sock.setblocking(False)
     except BaseException:
@@ -85,5 +110,6 @@ def bound_address(sock: socket.socket) -> str:
 def new_upstream_socket(family: socket.AddressFamily) -> socket.socket:
     # SOCK_NONBLOCK at creation: no separate ioctl(FIONBIO).
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if family != socket.AF_UNIX:  # no Nagle on a Unix socket: TCP_NODELAY would fail
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock

@@ -2,8 +2,8 @@
 
 Policy (see docs/tls.md): TLS 1.2 and 1.3 only, TLS 1.3 preferred; ECDHE + AEAD for TLS 1.2
 ("intermediate"), TLS 1.3 only ("modern"), or an OpenSSL cipher string; key exchange groups
-X25519, P-256, P-384; no compression, no renegotiation, server cipher preference; no client
-certificates (yet).
+X25519, P-256, P-384; no compression, no renegotiation, server cipher preference; client
+certificates when ``tls.client_auth`` asks for them (docs/routing.md).
 
 Sockets are wrapped with :attr:`TlsContexts.default` (the first certificate's context); its SNI
 callback switches the connection to the context whose certificate covers the requested name:
@@ -91,6 +91,7 @@ def new_server_context(tls: TlsConfig, config_file: str) -> ssl.SSLContext:
     # stateful cache, which could not resume on a sibling worker anyway.
     ctx.num_tickets = tls.tickets.count if tls.tickets.enabled else 0
     ctx.verify_mode = ssl.CERT_NONE
+    _client_auth(ctx, tls, config_file)
     if tls.alpn:
         try:
             ctx.set_alpn_protocols(list(tls.alpn))
@@ -102,6 +103,45 @@ def new_server_context(tls: TlsConfig, config_file: str) -> ssl.SSLContext:
     # do not wake epoll; the worker checks openssl.has_pending() where it pauses reading.
     openssl.set_read_ahead(ctx, True)
     return ctx
+
+
+def _client_auth(ctx: ssl.SSLContext, tls: TlsConfig, config_file: str) -> None:
+    """``tls.client_auth``, ``tls.client_ca``, ``tls.client_crl`` (docs/routing.md).
+
+    Every context gets the same settings: after the SNI switch OpenSSL verifies the client's
+    certificate with the store of the context it switched to. "optional" is OpenSSL's
+    SSL_VERIFY_PEER without FAIL_IF_NO_PEER_CERT: a client without a certificate is accepted,
+    one whose certificate does not verify is refused. With a CRL only the client's own
+    certificate is checked (VERIFY_CRL_CHECK_LEAF); its issuer's CRL must be in the file, or
+    every certificate fails (fail closed).
+    """
+    if tls.client_auth == "none":
+        return
+    if tls.client_ca is None:
+        raise ConfigError([f"{config_file}: tls.client_ca: required with client_auth"])
+    for key, path, kind in (
+        ("client_ca", tls.client_ca, "x509_ca"),
+        ("client_crl", tls.client_crl, "crl"),
+    ):
+        if path is None:
+            continue
+        before = ctx.cert_store_stats()[kind]
+        try:
+            ctx.load_verify_locations(cafile=str(path))
+        except OSError as exc:
+            raise ConfigError(
+                [f"{config_file}: tls.{key}: cannot read {path}: {exc.strerror or exc}"]
+            ) from None
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                [f"{config_file}: tls.{key}: OpenSSL refused {path}: {exc.reason or exc}"]
+            ) from None
+        if ctx.cert_store_stats()[kind] == before:
+            what = "CA certificate" if kind == "x509_ca" else "CRL"
+            raise ConfigError([f"{config_file}: tls.{key}: no {what} in {path}"])
+    if tls.client_crl is not None:
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.client_auth == "required" else ssl.CERT_OPTIONAL
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: LoadedCert) -> None:
@@ -146,11 +186,18 @@ class TlsContexts:
     warnings: tuple[str, ...]
     _exact: Mapping[str, ssl.SSLContext] = field(repr=False)
     _wildcard: Mapping[str, ssl.SSLContext] = field(repr=False)  # "example.org" for *.example.org
+    strict_sni: bool = False  # tls.strict_sni: refuse a name no certificate covers
 
     def select(self, server_name: str | None) -> ssl.SSLContext:
         """The context for ``server_name``: exact, then one-label wildcard, then the default."""
+        chosen = self.match(server_name)
+        return self.default if chosen is None else chosen
+
+    def match(self, server_name: str | None) -> ssl.SSLContext | None:
+        """The context whose certificate covers ``server_name`` (exact, then one-label
+        wildcard), or None."""
         if server_name is None:
-            return self.default
+            return None
         chosen = self._exact.get(server_name)
         if chosen is not None:
             return chosen
@@ -166,15 +213,24 @@ class TlsContexts:
             chosen = self._wildcard.get(name[dot + 1 :])
             if chosen is not None:
                 return chosen
-        return self.default
+        return None
 
     def sni_callback(
         self, sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext
-    ) -> None:
-        """Installed on :attr:`default`; OpenSSL calls it during the ClientHello."""
-        chosen = self.select(server_name)
+    ) -> int | None:
+        """Installed on :attr:`default`; OpenSSL calls it during the ClientHello.
+
+        With ``strict_sni``, a name no certificate covers (or no name) is refused with the
+        ``unrecognized_name`` alert; otherwise it gets the default certificate.
+        """
+        chosen = self.match(server_name)
+        if chosen is None:
+            if self.strict_sni:
+                return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            chosen = self.default
         if chosen is not ctx:
             sslobj.context = chosen
+        return None
 
 
 def build_contexts(tls: TlsConfig, config_file: str) -> TlsContexts:
@@ -242,6 +298,7 @@ def build_contexts(tls: TlsConfig, config_file: str) -> TlsContexts:
         warnings=tuple(warnings),
         _exact=exact,
         _wildcard=wildcard,
+        strict_sni=tls.strict_sni,
     )
     result.default.sni_callback = result.sni_callback
     return result

@@ -35,19 +35,23 @@ from typing import Any
 
 from edgeterm.workers import main as worker_main
 from edgeterm.workers.loop import Loop
+from edgeterm.workers.route import check_routes
 from edgeterm.workers.worker import Listener
 
-from edgeterm import control, logs
+from edgeterm import control, logs, prometheus
 from edgeterm.admin import MAX_REQUEST
 from edgeterm.config import Config, ListenerConfig
 from edgeterm.config_loader import load_config
 from edgeterm.errors import ConfigError, StartupError
 from edgeterm.keyring import KeyFileError
+from edgeterm.sdnotify import Notifier
 from edgeterm.signals import SignalQueue
-from edgeterm.sockets import bind_group, bound_address
+from edgeterm.sockets import bind_group, bound_address, set_listener_options
+from edgeterm.telemetry import SupervisorFacts
 from edgeterm.tls import TlsContexts, build_contexts
 
 from . import pidfile
+from .health import HealthChecker
 from .policy import Backoff, Heartbeats, Slot, plan_slots, slots_to_spawn
 from .ticketkeys import TicketKeys
 
@@ -107,6 +111,9 @@ class Supervisor:
         self.heartbeats = Heartbeats(config.server.heartbeat_timeout)
         self.started = time.time()
         self.announced = False
+        # systemd Type=notify (deploy/systemd): READY/RELOADING/STOPPING; a no-op without
+        # NOTIFY_SOCKET, which is taken out of the environment the workers inherit
+        self.notifier = Notifier.from_environment()
         self.stopping = False
         self.stop_deadline = 0.0
         self.exit_code = EXIT_OK
@@ -122,6 +129,8 @@ class Supervisor:
         self._admin_conns: dict[int, tuple[socket.socket, bytearray]] = {}
         self.tickets: TicketKeys | None = None
         self._rotation_due = False
+        for warning in check_routes(config, contexts, config_file):  # strict_sni: an error
+            log.warning("%s", warning)
         if config.tls.tickets.enabled:
             try:
                 self.tickets = TicketKeys(config.tls.tickets, self.loop.now)
@@ -132,8 +141,13 @@ class Supervisor:
                 "from key files" if self.tickets.ring.from_files else "generated",
                 "locked" if self.tickets.store.buf.locked else "UNLOCKED (RLIMIT_MEMLOCK)",
             )
+        # telemetry (issue 6): the workers' board and the Prometheus endpoint, bound now
+        self.telemetry = prometheus.SupervisorTelemetry(config.telemetry, self._telemetry_facts)
         groups = self._bind(config, {})
         self.serving = Generation(1, config, contexts, self._slots(config), groups, self.started)
+        # active upstream health checks (docs/routing.md), pushed to every worker
+        self.health = HealthChecker(self.loop, self._broadcast)
+        self.health.configure(config)
 
     # -- sockets -------------------------------------------------------------------------
     @staticmethod
@@ -167,9 +181,18 @@ class Supervisor:
                         fresh.extend(more)
                         socks.extend(more)
                     for s in socks:
+                        set_listener_options(
+                            s, tcp_fastopen=lcfg.tcp_fastopen, defer_accept=lcfg.defer_accept
+                        )
                         s.listen(lcfg.backlog)
                 else:
-                    socks = bind_group(lcfg.bind, lcfg.backlog, count)
+                    socks = bind_group(
+                        lcfg.bind,
+                        lcfg.backlog,
+                        count,
+                        tcp_fastopen=lcfg.tcp_fastopen,
+                        defer_accept=lcfg.defer_accept,
+                    )
                     fresh.extend(socks)
                 groups[key] = (lcfg, socks)
                 log.info("listening name=%s addr=%s", lcfg.name, bound_address(socks[0]))
@@ -218,6 +241,8 @@ class Supervisor:
                     cpu=slot.cpu,
                     generation=gen.number,
                     ticket_seed=self._ticket_seed(),
+                    worker_count=len(gen.slots),
+                    upstream_state=self.health.snapshot(),
                 )
             except BaseException as exc:
                 log.exception("worker %d crashed: %s", slot.index, exc)
@@ -252,6 +277,8 @@ class Supervisor:
             self._signals.close(restore=False)
         if self._admin is not None:
             self._admin.close()
+        self.telemetry.close_in_child()
+        self.health.close_in_child()
         for sock, _buf in self._admin_conns.values():
             sock.close()
         for wp in self.workers.values():
@@ -303,6 +330,10 @@ class Supervisor:
         elif msg.type == t.BOOT_ERROR:
             wp.boot_error = str(msg.json().get("error", "unknown error"))
 
+    def _broadcast(self, frame: bytes) -> None:
+        for wp in self.workers.values():
+            self._send(wp, frame)
+
     def _send(self, wp: WorkerProc, frame: bytes) -> None:
         try:
             wp.ctl.send(frame)
@@ -318,9 +349,15 @@ class Supervisor:
             )
             if self.on_ready is not None:
                 self.on_ready(None)
+            self.notifier.ready(self._serving_status())
         pending = self.pending
         if pending is not None and self._generation_ready(pending):
             self._promote(pending)
+
+    def _serving_status(self) -> str:
+        """The STATUS= line for systemd."""
+        gen = self.serving
+        return f"serving: generation {gen.number}, {len(gen.slots)} workers"
 
     def _generation_ready(self, gen: Generation) -> bool:
         ready = {
@@ -451,12 +488,15 @@ class Supervisor:
             )
             return
         log.info("reloading %s", self.config_file)
+        if self.announced:
+            self.notifier.reloading(f"reloading {self.config_file}")
         current = self.serving.groups
         staged: list[int] = []
         fresh: TicketKeys | None = None
         try:
             config = load_config(self.config_file)
             contexts = build_contexts(config.tls, self.config_file)
+            route_warnings = check_routes(config, contexts, self.config_file)
             staged, fresh = self._stage_ticket_files(config)
             groups = self._bind(config, current)
         except (ConfigError, StartupError, OSError, KeyFileError) as exc:
@@ -466,7 +506,7 @@ class Supervisor:
                 fresh.close()
             self._reload_failed(str(exc))
             return
-        for warning in contexts.warnings:
+        for warning in (*contexts.warnings, *route_warnings):
             log.warning("%s", warning)
         if fresh is not None:
             self.tickets = fresh
@@ -477,6 +517,7 @@ class Supervisor:
             self.serving.number + 1, config, contexts, self._slots(config), groups, time.time()
         )
         self.pending = gen
+        self.health.configure(config)  # the new workers get its state at fork
         self.pending_deadline = self.loop.now + RELOAD_READY_TIMEOUT
         for slot in gen.slots:
             self.not_before.pop(slot.index, None)
@@ -553,12 +594,16 @@ class Supervisor:
         self.last_reload = {"ok": False, "error": why, "at": time.time()}
         for line in why.splitlines():
             log.error("reload failed, still serving generation %d: %s", self.serving.number, line)
+        if self.announced:
+            first = why.splitlines()[0] if why else "unknown error"
+            self.notifier.ready(f"reload failed ({first}); {self._serving_status()}")
 
     def _abort_reload(self, why: str) -> None:
         pending = self.pending
         assert pending is not None
         self.pending = None
         self._retire(pending, keep=self.serving)
+        self.health.configure(self.serving.config)
         self._reload_failed(why)
 
     def _promote(self, gen: Generation) -> None:
@@ -572,6 +617,8 @@ class Supervisor:
         log.info(
             "reload done: generation %d serving, generation %d draining", gen.number, old.number
         )
+        if self.announced:
+            self.notifier.ready(self._serving_status())
 
     def _retire(self, gen: Generation, keep: Generation) -> None:
         """Drain ``gen``'s workers; close its sockets that ``keep`` does not use, once idle."""
@@ -602,6 +649,7 @@ class Supervisor:
         if self.stopping and graceful:
             return
         self.stopping = True
+        self.notifier.stopping("draining" if graceful else "stopping now")
         if graceful:
             grace = self.serving.config.server.graceful_timeout
             self.stop_deadline = self.loop.now + grace + STOP_NOW_GRACE
@@ -680,7 +728,7 @@ class Supervisor:
         if data and b"\n" not in buf and len(buf) < MAX_REQUEST:
             return
         try:
-            request = json.loads(bytes(buf).split(b"\n", 1)[0] or b"{}")
+            request = json.loads(bytes(buf).split(b"\n", 1)[0] or b"{}")  # may raise
             cmd = request.get("cmd") if isinstance(request, dict) else None
             answer = self.status() if cmd == "status" else {"error": f"unknown command {cmd!r}"}
         except (ValueError, RecursionError):
@@ -693,6 +741,19 @@ class Supervisor:
         except OSError:
             pass
         conn.close()
+
+    def _telemetry_facts(self) -> SupervisorFacts:
+        """For the Prometheus endpoint and the workers' OTLP metrics (issue 6)."""
+        t = self.tickets if self.serving.config.tls.tickets.enabled else None
+        return SupervisorFacts(
+            workers={pid: wp.stats for pid, wp in self.workers.items()},
+            running=len(self.workers),
+            restarts=self.restarts,
+            reloads_ok=self.reloads_ok,
+            reloads_failed=self.reloads_failed,
+            ticket_rotations=t.ring.rotations if t is not None else 0,
+            key_since=t.ring.current_since if t is not None else None,
+        )
 
     def status(self) -> dict[str, Any]:
         workers = []
@@ -711,6 +772,7 @@ class Supervisor:
                     "handshakes": st.get("handshakes", 0),
                     "resumed": st.get("resumed", 0),
                     "closed_by": st.get("closed_by", {}),
+                    "upstream_connect_errors": st.get("upstream_connect_errors", 0),
                 }
             )
         return {
@@ -726,6 +788,7 @@ class Supervisor:
                 "in_progress": self.pending is not None,
             },
             "restarts": self.restarts,
+            "upstreams": self.health.status(),
             "tickets": (
                 self.tickets.status(self.loop.now)
                 if self.tickets is not None and self.serving.config.tls.tickets.enabled
@@ -751,6 +814,7 @@ class Supervisor:
         pidfile.write(config.server.pidfile, pid)
         try:
             self._open_admin()
+            self.telemetry.start(self.loop)
             self.loop.add(self._signals.fileno(), select.EPOLLIN, self._on_signals)
             for slot in self.serving.slots:
                 self._spawn(self.serving, slot)
@@ -763,6 +827,8 @@ class Supervisor:
             self._reap_all()
             for s in self._all_sockets():
                 s.close()
+            self.telemetry.close()
+            self.health.close()
             if self._admin is not None:
                 self._admin.close()
                 try:

@@ -1,7 +1,15 @@
 """One proxied connection: TLS from the client, plain TCP to an upstream server.
 
-Lifecycle (``workers.state``): accepted -> handshaking -> connecting -> proxying ->
-half-closed -> closing -> closed.
+Lifecycle (``workers.state``): accepted -> [proxy-header ->] handshaking -> connecting ->
+proxying -> half-closed -> closing -> closed.
+
+Routing and upstreams (docs/routing.md): on a listener with ``accept_proxy`` the balancer's
+PROXY header is read first, byte-exact (``MSG_PEEK``, then a ``recv`` of exactly the header's
+bytes), so OpenSSL never sees it; its source address becomes ``peer``. After the handshake the
+router picks the pool from SNI and ALPN, and the pool's balancer the server; a connect that
+fails before any byte was sent tries another server. A pool with ``proxy_protocol`` gets its
+header first on the fresh upstream socket, before any client byte, through the same pending
+chunk as client data (so backpressure is unchanged).
 
 Data path rules (ARCHITECTURE §4):
 
@@ -31,12 +39,16 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from edgeterm import openssl
+from edgeterm.proxyproto import ProxyHeaderError, ProxyHeaderParser
 from edgeterm.sockets import new_upstream_socket
+from edgeterm.telemetry import classify_handshake_error
 
 from . import state as S
+from .balance import NO_EXCLUDE
 
 if TYPE_CHECKING:
     from .observe import ConnTrace
+    from .route import Entry
     from .upstream import Pool
     from .worker import Worker
 
@@ -47,6 +59,8 @@ EV_BAD = select.EPOLLERR | select.EPOLLHUP
 _has_pending = openssl.has_pending_function()
 _READ_BUDGET = 8  # reads per readiness event and direction, so one busy peer cannot starve others
 LINGER = 1.0  # seconds to wait for the client's EOF after our alert/close_notify
+_PEEK = 4096  # bytes peeked for a PROXY header (the parser's maximum v2 size)
+_MSG_PEEK = socket.MSG_PEEK
 
 _WantRead = ssl.SSLWantReadError
 _WantWrite = ssl.SSLWantWriteError
@@ -60,11 +74,17 @@ _SSLError = ssl.SSLError
 R_DONE = "done"
 R_HANDSHAKE_FAILED = "handshake_failed"
 R_HANDSHAKE_TIMEOUT = "handshake_timeout"
-R_NO_UPSTREAM = "upstream_unavailable"
+R_NO_UPSTREAM = "upstream_unavailable"  # every server down, or all tried and failed
+R_UPSTREAM_FULL = "upstream_full"  # every up server at its max_conns (this worker's share)
+R_PROXY_TIMEOUT = "proxy_timeout"  # no whole PROXY header within the listener's proxy_timeout
+R_PROXY_INVALID = "proxy_header_invalid"  # not a valid PROXY header (no TLS yet: no alert)
+R_UNKNOWN_SNI = "unknown_sni"  # tls.strict_sni refused the ClientHello (unrecognized_name)
+R_PER_CLIENT = "refused_per_client"  # limits.max_handshakes_per_client, after a PROXY header
 R_IDLE = "idle_timeout"
 R_CLIENT_ERROR = "client_error"
 R_UPSTREAM_ERROR = "upstream_error"
 R_SHUTDOWN = "shutdown"
+R_NO_RESOURCES = "local_resources"  # no descriptor/memory for the upstream socket
 
 
 class Connection:
@@ -77,21 +97,30 @@ class Connection:
         "c_eof",
         "cev",
         "cfd",
+        "client_cert",
+        "client_cn",
         "deadline",
+        "dst",
+        "entry",
         "ip",
         "n_c2u",
         "n_u2c",
         "notify_wait",
+        "peer",
         "pool",
+        "pp",
         "reason",
+        "server",
+        "sni",
         "so",
         "sock",
         "spoke",
         "sslp",
-        "start",
         "state",
+        "t_connect",
         "timer_entry",
         "trace",
+        "tried",
         "u2c",
         "u2c_shut",
         "u_eof",
@@ -101,12 +130,27 @@ class Connection:
         "w",
     )
 
-    def __init__(self, worker: Worker, sock: socket.socket, so: Any, pool: Pool) -> None:
+    def __init__(
+        self, worker: Worker, sock: socket.socket, so: Any, entry: Entry[Pool], peer: Any
+    ) -> None:
         self.w = worker
         self.sock = sock  # the client's TCP socket
         self.so = so  # its _ssl._SSLSocket: OpenSSL reads and writes the fd itself
         self.cfd = sock.fileno()
-        self.pool = pool
+        self.entry = entry  # the listener it came in on
+        # The client's address as accept() gave it, replaced by the source address of the
+        # PROXY header on an accept_proxy listener: what logs, spans, source_hash and the
+        # upstream's PROXY header see. ``dst``: the address the client connected to, when a
+        # PROXY header said so (else the socket's own, read only if a pool needs it).
+        self.peer: tuple[Any, ...] | None = peer
+        self.dst: tuple[str, int] | None = None
+        self.pp: ProxyHeaderParser | None = None  # while reading a PROXY header
+        self.sni: str | None = None  # set by the worker's SNI callback
+        self.client_cert = False  # a client certificate was presented (and so verified)
+        self.client_cn: str | None = None  # its subject CN (only when tls.client_auth is on)
+        self.pool = entry.default  # until the router has chosen, after the handshake
+        self.server = -1  # index in the pool of the current (or last) attempt
+        self.tried: set[int] | frozenset[int] = NO_EXCLUDE  # a set after the first failure
         self.state = S.ACCEPTED
         self.timer_entry: list[object] | None = None
         self.deadline = 0.0
@@ -114,7 +158,6 @@ class Connection:
         self.ufd = -1
         self.cev = 0
         self.uev = 0
-        self.start = 0
         self.attempt = 0
         self.c2u: bytes | None = None
         self.c2u_off = 0
@@ -126,6 +169,7 @@ class Connection:
         self.notify_wait = False
         self.spoke = False
         self.sslp = 0  # the SSL * of ``so``, read once when first needed
+        self.t_connect = 0.0  # when the current upstream connect started (loop time)
         self.ip: str | None = None  # set while a handshake counts against its client address
         self.trace: ConnTrace | None = None  # only for sampled / access-logged connections
         self.reason = R_DONE  # why a lingering close ends (set by _notify_and_close)
@@ -146,8 +190,14 @@ class Connection:
     # -- lifecycle -----------------------------------------------------------------------
     def begin(self) -> None:
         w = self.w
-        self.state = S.check(self.state, S.HANDSHAKING)
-        self.deadline = w.loop.now + w.t_handshake
+        accept = self.entry.accept
+        if accept is not None:
+            self.state = S.check(self.state, S.PROXY_HEADER)
+            self.pp = ProxyHeaderParser(accept=accept)
+            self.deadline = w.loop.now + self.entry.proxy_timeout
+        else:
+            self.state = S.check(self.state, S.HANDSHAKING)
+            self.deadline = w.loop.now + w.t_handshake
         w.loop.arm(self, self.deadline)
         self.cev = EV_IN
         w.loop.add(self.cfd, EV_IN, self.on_client)
@@ -164,7 +214,10 @@ class Connection:
         elif st == S.CONNECTING:
             self.w.stats.upstream_connect_timeouts += 1
             self._drop_upstream()
+            self._attempt_failed()
             self._connect()
+        elif st == S.PROXY_HEADER:
+            self._close(R_PROXY_TIMEOUT)
         elif st == S.CLOSING:
             self._close(None)
         else:
@@ -191,6 +244,52 @@ class Connection:
                 self.w.loop.call_soon(self._pause_while_connecting)
         elif st == S.CLOSING:
             self._linger(ev)
+        elif st == S.PROXY_HEADER:
+            self._read_proxy_header()
+
+    # -- PROXY header from a balancer in front -------------------------------------------
+    def _read_proxy_header(self) -> None:
+        """Consume exactly the header's bytes: peek, then receive what ``take`` says is
+        header. The TLS stream behind it stays in the kernel for OpenSSL. Every round takes
+        at least one byte, so level-triggered epoll cannot spin."""
+        pp = self.pp
+        assert pp is not None
+        sock = self.sock
+        try:
+            peeked = sock.recv(_PEEK, _MSG_PEEK)
+            if not peeked:
+                self._close(R_CLIENT_ERROR)  # EOF before a whole header
+                return
+            result = pp.feed(sock.recv(pp.take(peeked)))
+        except BlockingIOError:
+            return
+        except ProxyHeaderError:
+            self._close(R_PROXY_INVALID)
+            return
+        except OSError:
+            self._close(R_CLIENT_ERROR)
+            return
+        if result is None:
+            return  # more to come (bounded by proxy_timeout and the parser's maximum size)
+        self.pp = None
+        w = self.w
+        if result.src is not None:  # PROXY; LOCAL and UNKNOWN keep the connection's own
+            self.peer = result.src
+            self.dst = result.dst
+        if w.hs_per_client and self.peer is not None:
+            ip = self.peer[0]
+            started = w.hs_by_ip.get(ip, 0)
+            if started >= w.hs_per_client:
+                w.stats.refused_per_client += 1
+                self.reason = R_PER_CLIENT
+                self._close(None)
+                return
+            w.hs_by_ip[ip] = started + 1
+            self.ip = ip
+        self.state = S.check(self.state, S.HANDSHAKING)
+        self.deadline = w.loop.now + w.t_handshake
+        w.loop.arm(self, self.deadline)
+        self._handshake()  # the ClientHello often came with the header
 
     def _handshake(self) -> None:
         try:
@@ -201,10 +300,12 @@ class Connection:
         except _WantWrite:
             self._set_client(EV_OUT)
             return
-        except (_SSLError, OSError):
-            self._handshake_failed()
+        except (_SSLError, OSError) as exc:
+            self._handshake_failed(exc)
             return
         w = self.w
+        # The handshake deadline (its start + t_handshake) has not moved since it started.
+        w.stats.observe_handshake(w.loop.now - self.deadline + w.t_handshake)
         if self.ip is not None:
             w.handshake_ended(self.ip)
             self.ip = None
@@ -212,27 +313,52 @@ class Connection:
             w.stats.resumed += 1
         else:
             w.stats.full_handshakes += 1
+        if w.client_auth:
+            self._client_certificate()
         if self.trace is not None:
             self.trace.handshake_done(self.so, w.loop.now)
         self.state = S.check(self.state, S.CONNECTING)
-        self.start = self.pool.first()
+        router = w.router
+        if router is not None:
+            alpn = self.so.selected_alpn_protocol() if router.uses_alpn else None
+            self.pool = router.select(self.entry.index, self.sni, alpn)
         self._connect()
+
+    def _client_certificate(self) -> None:
+        """The verified client certificate's subject CN (a dict is built: only with
+        tls.client_auth). A certificate that did not verify failed the handshake."""
+        try:
+            cert = self.so.getpeercert()
+        except (ValueError, _SSLError):
+            return
+        if not cert:
+            return
+        self.client_cert = True
+        for rdn in cert.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    self.client_cn = value
+                    return
 
     def _pause_while_connecting(self) -> None:
         if self.state == S.CONNECTING:
             self._set_client(0)
 
-    def _handshake_failed(self) -> None:
+    def _handshake_failed(self, exc: BaseException) -> None:
         """OpenSSL has written its fatal alert: make sure it arrives, then close.
 
         Closing a socket with unread input makes the kernel send a reset, which can make the
         client drop the alert; so shut our write side and read until the client's EOF, for at
         most ``LINGER`` seconds.
         """
-        self.w.stats.count_close(R_HANDSHAKE_FAILED)
-        self.reason = R_HANDSHAKE_FAILED
+        # The SNI callback marks a name refused by tls.strict_sni.
+        reason = R_UNKNOWN_SNI if self.reason == R_UNKNOWN_SNI else R_HANDSHAKE_FAILED
+        self.w.stats.count_close(reason)
+        self.reason = reason
+        if reason == R_HANDSHAKE_FAILED:
+            self.w.stats.count_handshake_error(classify_handshake_error(exc)[0])
         if self.trace is not None:
-            self.trace.handshake_failed(R_HANDSHAKE_FAILED, self.w.loop.now)
+            self.trace.handshake_failed(reason, self.w.loop.now, exc)
         if self.ip is not None:
             self.w.handshake_ended(self.ip)
             self.ip = None
@@ -261,19 +387,37 @@ class Connection:
 
     # -- upstream connect ----------------------------------------------------------------
     def _connect(self) -> None:
+        """Try servers of the pool until a connect is under way; none left: close cleanly.
+
+        A Unix socket whose backlog is full answers EAGAIN: a failed attempt like a refusal.
+        """
         w = self.w
+        pool = self.pool
+        bal = pool.balancer
+        peer = self.peer
+        client = peer[0] if peer is not None else None  # for source_hash
         while True:
-            addr = self.pool.server(self.start, self.attempt)
-            if addr is None:
-                w.stats.upstream_unavailable += 1
-                self._notify_and_close(R_NO_UPSTREAM)
+            i = bal.pick(client, self.tried) if self.attempt < pool.max_attempts else None
+            if i is None:
+                self._no_server()
                 return
+            self.server = i
             self.attempt += 1
-            up = new_upstream_socket(addr.family)
+            addr = pool.servers[i]
+            try:
+                up = new_upstream_socket(addr.family)
+            except OSError:
+                # Out of descriptors or memory here, not the server's fault: close this client
+                # politely and make the worker stop accepting for a while.
+                w.resources_exhausted()
+                self._notify_and_close(R_NO_RESOURCES)
+                return
+            self.t_connect = w.loop.now
             err = up.connect_ex(addr.sockaddr())
             if err == 0 or err == errno.EINPROGRESS:
                 self.up = up
                 self.ufd = up.fileno()
+                bal.acquired(i)  # in flight counts too: the cap holds while connecting
                 if err == 0:
                     w.loop.add(self.ufd, 0, self.on_upstream)
                     self._connected()
@@ -285,6 +429,27 @@ class Connection:
                 return
             up.close()
             w.stats.upstream_connect_errors += 1
+            self._attempt_failed()
+
+    def _attempt_failed(self) -> None:
+        """The connect to ``self.server`` failed before any byte was sent: passive health,
+        and the next pick excludes it."""
+        i = self.server
+        tried = self.tried
+        if tried is NO_EXCLUDE:
+            self.tried = {i}
+        else:
+            assert isinstance(tried, set)
+            tried.add(i)
+        self.pool.balancer.connect_failed(i, self.w.loop.now)
+
+    def _no_server(self) -> None:
+        """No server left for this connection: close_notify, and count why (off the hot
+        path: ``why_none`` scans the pool)."""
+        w = self.w
+        w.stats.upstream_unavailable += 1
+        why = self.pool.balancer.why_none(self.tried)
+        self._notify_and_close(R_UPSTREAM_FULL if why == "full" else R_NO_UPSTREAM)
 
     def _drop_upstream(self) -> None:
         up = self.up
@@ -294,14 +459,34 @@ class Connection:
             self.up = None
             self.ufd = -1
             self.uev = 0
+            self.pool.balancer.released(self.server)
 
     def _connected(self) -> None:
         w = self.w
+        pool = self.pool
+        pool.balancer.connect_ok(self.server)
         self.state = S.check(self.state, S.PROXYING)
+        w.stats.observe_connect(w.loop.now - self.t_connect)
         self.deadline = w.loop.now + w.t_idle
         if self.trace is not None:
             self.trace.upstream_connected(self.upstream_name(), w.loop.now)
         w.loop.arm(self, self.deadline)  # the idle timeout may be shorter than the connect one
+        if pool.proxy:
+            # First on the wire, before any client byte. What send() does not take waits as
+            # the pending chunk, which also holds client reading back until it is out.
+            header = self._proxy_header()
+            up = self.up
+            assert up is not None
+            try:
+                sent = up.send(header)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._notify_and_close(R_UPSTREAM_ERROR)
+                return
+            if sent < len(header):
+                self.c2u = header
+                self.c2u_off = sent
         self._update_interest()
         if self.spoke or _has_pending(self.sslp or self._ssl_pointer()):
             self._pump_c2u()  # read-ahead may hold the client's first bytes: epoll won't say
@@ -310,9 +495,22 @@ class Connection:
         self.sslp = openssl.ssl_pointer(self.so)
         return self.sslp
 
+    def _proxy_header(self) -> bytes:
+        peer = self.peer
+        src = (peer[0], peer[1]) if peer is not None else None
+        dst = self.dst
+        if dst is None:
+            try:
+                local = self.sock.getsockname()
+                dst = (local[0], local[1])
+            except OSError:
+                dst = None
+        return self.pool.proxy_header(src, dst, self.so, self.sni, self.client_cert, self.client_cn)
+
     def upstream_name(self) -> str:
-        addr = self.pool.server(self.start, self.attempt - 1)
-        return str(addr) if addr is not None else ""
+        """The server of the current (or last) attempt, as written in the config."""
+        i = self.server
+        return self.pool.keys[i] if i >= 0 else ""
 
     def on_upstream(self, ev: int) -> None:
         st = self.state
@@ -327,6 +525,7 @@ class Connection:
             if up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
                 self.w.stats.upstream_connect_errors += 1
                 self._drop_upstream()
+                self._attempt_failed()
                 self._connect()
             else:
                 self._connected()

@@ -26,11 +26,12 @@ import pwd
 import select
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from edgeterm import control, logs
 from edgeterm.config import Config
 from edgeterm.signals import SignalQueue, reset_after_fork
+from edgeterm.telemetry import WorkerTelemetry
 from edgeterm.tickets import KeyStore, TicketCallback
 from edgeterm.tls import TlsContexts
 
@@ -65,8 +66,13 @@ def serve(
     cpu: int | None,
     generation: int,
     ticket_seed: tuple[KeyStore, Sequence[int], int] | None = None,
+    worker_count: int = 1,
+    upstream_state: Mapping[str, Mapping[str, bool]] | None = None,
 ) -> int:
-    """Run one worker; return its exit code. Never returns into supervisor code by raising."""
+    """Run one worker; return its exit code. Never returns into supervisor code by raising.
+
+    ``worker_count``: workers of the generation (they share ``max_conns``);
+    ``upstream_state``: the supervisor's active health state at fork (docs/routing.md)."""
     try:
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
@@ -75,6 +81,9 @@ def serve(
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signals = SignalQueue((signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1))
         tickets = _install_tickets(config, contexts, ticket_seed)
+        # telemetry (issue 6): the access log opens before the privilege drop; OpenTelemetry
+        # starts after the fork, here in the worker, once the Worker exists.
+        telem = WorkerTelemetry(config.telemetry, worker_id=slot, cpu=cpu, generation=generation)
         drop_privileges(config.server.user, config.server.group)
         worker = Worker(
             config,
@@ -85,7 +94,11 @@ def serve(
             cpu=cpu,
             control_sock=control_sock,
             ticket_callback=tickets,
+            observer=telem.observer,
+            worker_count=worker_count,
+            upstream_state=upstream_state,
         )
+        telem.start(worker)
     except Exception as exc:
         log.error("worker %d cannot start: %s", slot, exc)
         try:
@@ -104,10 +117,14 @@ def serve(
                 worker.stop_now()
             elif signum == signal.SIGUSR1:
                 logs.reopen()
+                telem.reopen()
 
     worker.loop.add(signals.fileno(), select.EPOLLIN, on_signal)
     log.info("worker %d serving pid=%d cpu=%s generation=%d", slot, os.getpid(), cpu, generation)
-    worker.run()
+    try:
+        worker.run()
+    finally:
+        telem.shutdown()  # bounded: flush the access log, last exports
     log.info("worker %d exiting: %s", slot, worker.stats.snapshot())
     return 0
 

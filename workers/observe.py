@@ -22,7 +22,9 @@ class ConnTrace(Protocol):
     def handshake_done(self, so: Any, now: float) -> None:
         """TLS is up: read version, cipher, SNI, ALPN, resumed from the _ssl object ``so``."""
 
-    def handshake_failed(self, reason: str, now: float) -> None: ...
+    def handshake_failed(
+        self, reason: str, now: float, exc: BaseException | None = None
+    ) -> None: ...
 
     def upstream_connected(self, server: str, now: float) -> None: ...
 

@@ -5,6 +5,8 @@ Rules:
 * A connection is in exactly one state. It moves only along an edge of ``TRANSITIONS``;
   any other move is a bug in edgeterm (not the client's fault) and raises ``IllegalTransition``.
 * ``ACCEPTED``: the TCP connection exists, nothing read yet.
+* ``PROXY_HEADER``: on a listener with ``accept_proxy``, reading the PROXY protocol header the
+  balancer in front sends before the TLS stream, bounded by the listener's ``proxy_timeout``.
 * ``HANDSHAKING``: TLS handshake in progress, bounded by ``timeouts.handshake``.
 * ``CONNECTING``: handshake done, connecting to an upstream server (retrying other servers of
   the pool on failure), bounded by ``timeouts.connect`` per attempt.
@@ -22,15 +24,17 @@ from __future__ import annotations
 from typing import Final
 
 ACCEPTED: Final = 0
-HANDSHAKING: Final = 1
-CONNECTING: Final = 2
-PROXYING: Final = 3
-HALF_CLOSED: Final = 4
-CLOSING: Final = 5
-CLOSED: Final = 6
+PROXY_HEADER: Final = 1
+HANDSHAKING: Final = 2
+CONNECTING: Final = 3
+PROXYING: Final = 4
+HALF_CLOSED: Final = 5
+CLOSING: Final = 6
+CLOSED: Final = 7
 
 NAMES: Final = (
     "accepted",
+    "proxy-header",
     "handshaking",
     "connecting",
     "proxying",
@@ -41,8 +45,11 @@ NAMES: Final = (
 
 TRANSITIONS: Final[frozenset[tuple[int, int]]] = frozenset(
     {
+        (ACCEPTED, PROXY_HEADER),
         (ACCEPTED, HANDSHAKING),
         (ACCEPTED, CLOSED),
+        (PROXY_HEADER, HANDSHAKING),
+        (PROXY_HEADER, CLOSED),  # invalid header, timeout, client gone: no TLS yet, no alert
         (HANDSHAKING, CONNECTING),
         (HANDSHAKING, CLOSING),  # failed handshake: let the alert reach the client
         (HANDSHAKING, CLOSED),

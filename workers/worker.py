@@ -21,16 +21,18 @@ import os
 import select
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from edgeterm import control, tickets
 from edgeterm.config import Config, ListenerConfig
 from edgeterm.tls import TlsContexts
 
-from .connection import Connection
+from .connection import R_UNKNOWN_SNI, Connection
 from .loop import Loop
 from .observe import Observer
+from .route import Entry, Router
 from .stats import Stats
 from .upstream import Pool
 
@@ -61,7 +63,12 @@ class Worker:
         control_sock: socket.socket | None = None,
         ticket_callback: tickets.TicketCallback | None = None,
         observer: Observer | None = None,
+        worker_count: int = 1,
+        upstream_state: Mapping[str, Mapping[str, bool]] | None = None,
     ) -> None:
+        """``worker_count``: workers of this generation (they share each server's
+        ``max_conns``); ``upstream_state``: the active health state at fork, pool -> server
+        key -> up (later changes come as UPSTREAM_STATE messages)."""
         self.config = config
         self.worker_id = worker_id
         self.cpu = cpu
@@ -79,10 +86,23 @@ class Worker:
         # and none of the getsockopt/getsockname/getpeername/ioctl calls it makes.
         self._wrap = contexts.default._wrap_socket  # type: ignore[attr-defined]
         self._listeners = list(listeners)
-        pools = {name: Pool(up) for name, up in config.upstreams.items()}
+        # Routing (docs/routing.md): this generation's pools, each with this worker's
+        # balancer; the router only when there are routes (else: the listener's pool).
+        self.pools = {name: Pool(up, workers=worker_count) for name, up in config.upstreams.items()}
+        self.apply_upstream_state(upstream_state or {})
+        lcfgs = [lst.config for lst in self._listeners]
+        self.router: Router[Pool] | None = (
+            Router(lcfgs, config.routes, self.pools) if config.routes else None
+        )
+        self.client_auth = config.tls.client_auth != "none"
+        self._install_sni_callback(contexts)
+        entries = [
+            Entry(i, lst.config, self.pools[lst.config.upstream])
+            for i, lst in enumerate(self._listeners)
+        ]
         self._acceptors: list[tuple[int, Callable[[], int]]] = [
-            (lst.sock.fileno(), self._make_acceptor(lst.sock, pools[lst.config.upstream]))
-            for lst in self._listeners
+            (lst.sock.fileno(), self._make_acceptor(lst.sock, entry))
+            for lst, entry in zip(self._listeners, entries, strict=True)
         ]
         self._accepting = False
         self._backoff = 0.0
@@ -102,10 +122,38 @@ class Worker:
         self.observer = observer
 
     # -- accepting ---------------------------------------------------------------------
-    def _make_acceptor(self, lsock: socket.socket, pool: Pool) -> Callable[[], int]:
+    def _install_sni_callback(self, contexts: TlsContexts) -> None:
+        """Certificate choice as ``TlsContexts.sni_callback`` does it, plus: remember the
+        name on the connection (the router and the PROXY v2 authority TLV read it) and mark
+        a refusal by tls.strict_sni so that it is counted as ``unknown_sni``. OpenSSL hands
+        the callback the _ssl object's owner, the ``Connection``."""
+        choose = contexts.sni_callback
+
+        def on_sni(conn: Any, server_name: str | None, ctx: ssl.SSLContext) -> int | None:
+            conn.sni = server_name
+            refused = choose(conn, server_name, ctx)
+            if refused is not None:
+                conn.reason = R_UNKNOWN_SNI
+            return refused
+
+        contexts.default.sni_callback = on_sni
+
+    def apply_upstream_state(self, state: Mapping[str, Mapping[str, bool]]) -> None:
+        """Active health results (pool -> server key -> up) for this generation's pools."""
+        for pool_name, servers in state.items():
+            pool = self.pools.get(pool_name)
+            if pool is not None:
+                for key, up in servers.items():
+                    pool.set_state(key, bool(up))
+
+    def _make_acceptor(self, lsock: socket.socket, entry: Entry[Pool]) -> Callable[[], int]:
         """A function that accepts one batch from ``lsock``; returns how many it took."""
         accept = lsock.accept
         wrap = self._wrap
+        # PROXY listeners: the per-client handshake limit applies to the address the header
+        # gives (the connection counts it then), not to the balancer's.
+        counted_here = entry.accept is None
+        screen = entry.trusted if entry.networks else None
 
         def accept_batch() -> int:
             stats = self.stats
@@ -127,8 +175,12 @@ class Worker:
                         return taken
                     continue  # ECONNABORTED, EPROTO...: that client is gone, the next is not
                 self._backoff = 0.0
+                if screen is not None and not screen(addr[0]):
+                    stats.count_close("proxy_untrusted")  # proxy_from: closed unread
+                    csock.close()
+                    continue
                 ip = None
-                if self.hs_per_client:
+                if self.hs_per_client and counted_here:
                     ip = addr[0]
                     started = self.hs_by_ip.get(ip, 0)
                     if started >= self.hs_per_client:
@@ -144,7 +196,7 @@ class Worker:
                     if ip is not None:
                         self.handshake_ended(ip)
                     continue
-                conn = Connection(self, csock, so, pool)
+                conn = Connection(self, csock, so, entry, addr)
                 conn.ip = ip
                 if self.observer is not None:
                     conn.trace = self.observer.begin(addr, self.loop.now)
@@ -216,6 +268,11 @@ class Worker:
 
         self._backoff_call = self.loop.call_later(self._backoff, resume)
 
+    def resources_exhausted(self) -> None:
+        """A connection could not get a descriptor: back off accepting, as for EMFILE."""
+        self.stats.accept_errors += 1
+        self._accept_backoff()
+
     def connection_closed(self, conn: Connection) -> None:
         stats = self.stats
         stats.active -= 1
@@ -261,6 +318,8 @@ class Worker:
             self.stop_now()
         elif msg.type == t.TICKET_KEYS:
             self._install_ticket_keys(msg.payload)
+        elif msg.type == t.UPSTREAM_STATE:
+            self._on_upstream_state(msg)
         elif msg.type in (t.HEARTBEAT, t.STATS_REQUEST):
             # The answer to a heartbeat is our counters: the supervisor's status stays fresh.
             self.last_heartbeat = self.loop.now
@@ -281,6 +340,18 @@ class Worker:
         self.send_control(
             control.encode_json(control.MsgType.ACK, {"of": "TICKET_KEYS", "seq": seq})
         )
+
+    def _on_upstream_state(self, msg: control.Message) -> None:
+        """``{"pool": name, "servers": [[key, up], ...]}`` from the supervisor's checks."""
+        try:
+            body = msg.json()
+            pool = body["pool"]
+            changes = {str(key): bool(up) for key, up in body["servers"]}
+        except (control.FrameError, KeyError, TypeError, ValueError) as exc:
+            log.error("control channel: bad UPSTREAM_STATE: %s", exc)
+            return
+        if isinstance(pool, str):
+            self.apply_upstream_state({pool: changes})
 
     def send_control(self, frame: bytes) -> None:
         if self._control is None:

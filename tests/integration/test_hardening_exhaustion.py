@@ -67,12 +67,6 @@ class HeldClient(threading.Thread):
             self.outcome = repr(exc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: workers/connection.py Connection._connect does not catch OSError from "
-    "new_upstream_socket(); at EMFILE the exception ends Worker.run, the worker dies with "
-    "every connection it held, and the supervisor respawns it into the same state",
-)
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
 def test_emfile_worker_backs_off_and_recovers(edgeterm, echo, client_ctx, monkeypatch):
     plain = launcher.edgeterm_command

@@ -9,6 +9,16 @@ def test_happy_path_is_legal():
     assert st == S.CLOSED
 
 
+def test_proxy_header_path_is_legal():
+    """accept_proxy listeners: the PROXY header comes before the handshake."""
+    st = S.ACCEPTED
+    for nxt in (S.PROXY_HEADER, S.HANDSHAKING, S.CONNECTING, S.PROXYING, S.CLOSED):
+        st = S.check(st, nxt)
+    # an invalid header or its timeout closes at once: there is no TLS to say goodbye with
+    assert S.check(S.PROXY_HEADER, S.CLOSED) == S.CLOSED
+    assert S.NAMES[S.PROXY_HEADER] == "proxy-header"
+
+
 @pytest.mark.parametrize(
     ("cur", "new"),
     [
@@ -18,6 +28,10 @@ def test_happy_path_is_legal():
         (S.CLOSED, S.CLOSING),
         (S.CLOSED, S.CLOSED),
         (S.CLOSING, S.PROXYING),
+        (S.PROXY_HEADER, S.CONNECTING),
+        (S.PROXY_HEADER, S.CLOSING),
+        (S.HANDSHAKING, S.PROXY_HEADER),
+        (S.CONNECTING, S.PROXY_HEADER),
     ],
 )
 def test_illegal_transitions_raise(cur, new):
