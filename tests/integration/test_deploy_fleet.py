@@ -21,11 +21,8 @@ What is checked (issue 8, "The fleet test"):
 3. killing one instance (SIGKILL) under a continuous client loop: no connection started after
    HAProxy marked it DOWN fails.
 
-TODO(PROXY protocol, docs/routing.md section 7): once listeners accept ``accept_proxy = "v2"``
-end to end, stop removing ``send-proxy-v2``/``check-send-proxy`` from the shipped HAProxy
-config (``haproxy_config(..., proxy=True)``), set ``accept_proxy = "v2"`` and
-``proxy_from = [<balancer address>]`` on the instances, and check that the upstream sees the
-client's address.
+The instances read HAProxy's PROXY v2 header (``accept_proxy = "v2"``), as shipped in
+deploy/l4/haproxy.cfg (``send-proxy-v2`` and ``check-send-proxy``).
 """
 
 from __future__ import annotations
@@ -299,7 +296,7 @@ def haproxy_config(topo: Topology, stats_socket: Path, *, proxy: bool = False) -
     text, n = re.subn(r"(?m)^(\s*server \S+ )\S+", server, text)
     assert n == INSTANCES, "the shipped config has one server line per instance"
     if not proxy:
-        # TODO(PROXY protocol): the instances cannot read the header yet (docs/routing.md §7)
+        # for a variant without PROXY (not used by the tests below)
         text = re.sub(r" (send-proxy-v2|check-send-proxy)\b", "", text)
     return text
 
@@ -365,6 +362,7 @@ def instance_config(
         "bind": f"{host}:{port}",
         "upstream": "app",
         "backlog": 1024,
+        "accept_proxy": "v2",  # HAProxy sends send-proxy-v2 (and check-send-proxy)
     }
     if topo.kind == "netns":  # as deployed (deploy/docker/edgeterm.toml), with TFO allowed
         listener |= {"tcp_fastopen": 256, "defer_accept": True}
@@ -433,7 +431,7 @@ def fleet(
             admin_sockets.append(directory / "edgeterm.sock")
         stats_socket = root / "haproxy.sock"
         hcfg = root / "haproxy.cfg"
-        hcfg.write_text(haproxy_config(topo, stats_socket))
+        hcfg.write_text(haproxy_config(topo, stats_socket, proxy=True))
         haproxy = Background(
             [*topo.lb_prefix, HAPROXY, "-db", "-f", str(hcfg)], root / "haproxy.log"
         )
