@@ -61,3 +61,33 @@ fmt: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+# Benchmarks (issue 5; see loadtest/ and BENCHMARKS.md): edgeterm against haproxy and nginx,
+# loopback only. Needs haproxy, nginx with libnginx-mod-stream, cc and libssl-dev; installs none
+# of them and says which apt package is missing.
+#   make bench        - every scenario, every target, 3 interleaved rounds (about 15 minutes);
+#                       raw results in loadtest/results/, charts in loadtest/charts/
+#   make bench-smoke  - CI, about a minute: edgeterm against haproxy; fails on a gross regression
+#                       (CPU per full handshake > 1.5x haproxy's) or any client error
+# BENCH_ARGS adds options, e.g. BENCH_ARGS="--edgeterm-src HEAD" measures the last commit
+# (a frozen snapshot) instead of the work tree that others may be editing meanwhile.
+BENCH_ARGS ?=
+.PHONY: bench bench-smoke
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -r loadtest/requirements.txt
+	$(PY) -m loadtest all --rounds 3 --duration 6 --charts loadtest/charts $(BENCH_ARGS)
+
+bench-smoke: $(STAMP)
+	$(PY) -m loadtest --smoke
+
+# Soak (issue 9; see loadtest/soak.py and RELIABILITY.md): a mixed load with a reload every
+# minute for up to 10 minutes; RSS and open descriptors of every edgeterm process sampled each
+# second; fails on any failed connection or growth beyond noise. Not part of `make test`.
+#   make soak                      - 10 minutes
+#   make soak SOAK_ARGS="--minutes 5"
+.PHONY: soak
+SOAK_ARGS ?=
+
+soak: $(STAMP)
+	$(PY) -m loadtest.soak $(SOAK_ARGS)
