@@ -301,11 +301,30 @@ def ctx_pointer(ctx: ssl.SSLContext) -> int:
     return pointer
 
 
+SECURE_HEAP_PER_CONNECTION = 256  # bytes: room for one connection's ephemeral key(s)
+SECURE_HEAP_MIN = 1 << 16
+SECURE_HEAP_MAX = 1 << 26
+
+
+def secure_heap_size(max_connections: int) -> int:
+    """A secure heap large enough for ``max_connections`` live handshakes' keys.
+
+    OpenSSL 3.0 takes every private key from the secure heap once it is on, including each
+    connection's ephemeral key-exchange key (kept until the connection is freed), and a full
+    heap fails the handshake rather than falling back to ordinary memory. A 64 KiB heap
+    stopped a worker at about 2,000 connections (found by loadtest's idle scenario). So it is
+    sized per connection, as a power of two (the allocator's requirement), capped at 64 MiB.
+    """
+    want = max(SECURE_HEAP_MIN, SECURE_HEAP_PER_CONNECTION * max_connections)
+    return min(SECURE_HEAP_MAX, 1 << (want - 1).bit_length())
+
+
 def enable_secure_heap(size: int = 1 << 16, min_size: int = 32) -> str:
     """Turn on OpenSSL's secure heap (mlock'ed, guarded) for private keys loaded afterwards.
 
-    Call before any private key is loaded. Returns a sentence for the log saying whether it is
-    on; never raises (it is a hardening, not a requirement).
+    Call before any private key is loaded, with ``secure_heap_size(max_connections)``: the
+    ephemeral keys of live connections live there too. Returns a sentence for the log saying
+    whether it is on; never raises (it is a hardening, not a requirement).
     """
     lib = _lib()
     if lib.CRYPTO_secure_malloc_initialized():

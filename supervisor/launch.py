@@ -45,7 +45,10 @@ def prepare(config: Config, config_file: str, log_file: Path | None) -> Supervis
         )
     openssl.self_check()
     logs.setup(log_file)
-    log.info("%s", openssl.enable_secure_heap())
+    log.info(
+        "%s",
+        openssl.enable_secure_heap(openssl.secure_heap_size(config.limits.max_connections)),
+    )
     contexts = build_contexts(config.tls, config_file)
     for warning in contexts.warnings:
         log.warning("%s", warning)

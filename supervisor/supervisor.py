@@ -420,6 +420,9 @@ class Supervisor:
         lived = self.loop.now - wp.started
         delay = self.backoff.setdefault(wp.slot.index, Backoff()).on_exit(lived)
         self.not_before[wp.slot.index] = self.loop.now + delay
+        if delay > 0:
+            # Respawn when the back-off ends, not at the next one-second tick.
+            self.loop.call_later(delay, self._reconcile)
         self.restarts += 1
         log.warning(
             "worker %d pid=%d died (%s) after %.1fs; replacing it in %.1fs",

@@ -215,3 +215,13 @@ def test_shutdown_once_before_the_handshake_raises_ssl_error(
         openssl.shutdown_once(pair.server)
     assert openssl._lib().ERR_get_error() == 0  # the error queue was cleared
     Pair(server_ctx, client_ctx).handshake()  # and the ssl module is unaffected
+
+
+def test_secure_heap_is_sized_for_live_connections() -> None:
+    from edgeterm.openssl import SECURE_HEAP_MAX, SECURE_HEAP_PER_CONNECTION, secure_heap_size
+
+    assert secure_heap_size(1) == 1 << 16
+    size = secure_heap_size(10_000)
+    assert size >= SECURE_HEAP_PER_CONNECTION * 10_000
+    assert size & (size - 1) == 0  # a power of two, as CRYPTO_secure_malloc_init requires
+    assert secure_heap_size(10**9) == SECURE_HEAP_MAX
