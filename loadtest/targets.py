@@ -14,6 +14,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -484,7 +485,63 @@ stream {{
         return pid
 
 
-TARGETS: dict[str, type[Target]] = {cls.name: cls for cls in (Edgeterm, Haproxy, Nginx)}
+class EdgetermTelemetry(Edgeterm):
+    """edgeterm exporting traces and metrics over OTLP to a live collector that only counts
+    (``tests/support/otlp.py``), at the default sample ratio: the cost of telemetry (issue 6)
+    is this target's CPU per unit of work against plain ``edgeterm`` in the same run."""
+
+    name = "edgeterm-otel"
+    sample_ratio = 0.01
+    _collector: subprocess.Popen[bytes] | None = None
+
+    def write_config(self) -> None:
+        super().write_config()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self._otlp_port = s.getsockname()[1]
+        with self.config_file.open("a") as f:
+            f.write(
+                f"""
+[telemetry]
+otlp_endpoint = "http://127.0.0.1:{self._otlp_port}"
+sample_ratio = {self.sample_ratio}
+"""
+            )
+
+    def start(self) -> None:
+        self.write_config()
+        repo = Path(__file__).resolve().parent.parent
+        self._collector = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.otlp", "--port", str(self._otlp_port)],
+            cwd=repo,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        write_config, self.write_config = self.write_config, lambda: None  # keep the port
+        try:
+            super().start()
+        finally:
+            self.write_config = write_config  # type: ignore[method-assign]
+
+    def stop(self) -> None:
+        super().stop()
+        if self._collector is not None:
+            procs.stop(self._collector)
+            self._collector = None
+
+
+class EdgetermTelemetryAll(EdgetermTelemetry):
+    """The same with every connection traced (sample_ratio = 1)."""
+
+    name = "edgeterm-otel1"
+    sample_ratio = 1.0
+
+
+TARGETS: dict[str, type[Target]] = {
+    cls.name: cls for cls in (Edgeterm, Haproxy, Nginx, EdgetermTelemetry, EdgetermTelemetryAll)
+}
 
 
 def check_available(names: list[str]) -> None:
