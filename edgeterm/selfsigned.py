@@ -89,24 +89,19 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     os.replace(temporary, path)
 
 
-def _create_ca(directory: Path, key_type: KeyType, now: dt.datetime, days: int) -> CA:
-    key = _new_key(key_type)
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgeterm"),
-            # A unique name, so two test CAs never shadow each other in a trust store.
-            x509.NameAttribute(NameOID.COMMON_NAME, f"edgeterm local CA {secrets.token_hex(4)}"),
-        ]
-    )
+def ca_certificate(
+    key: PrivateKey, name: x509.Name, not_before: dt.datetime, not_after: dt.datetime
+) -> x509.Certificate:
+    """A self-signed CA certificate for ``key`` (may sign leaves and CRLs, no sub-CAs)."""
     public = key.public_key()
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(public)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + dt.timedelta(days=max(days, _CA_DAYS)))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -125,6 +120,18 @@ def _create_ca(directory: Path, key_type: KeyType, now: dt.datetime, days: int) 
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
+
+
+def _create_ca(directory: Path, key_type: KeyType, now: dt.datetime, days: int) -> CA:
+    key = _new_key(key_type)
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgeterm"),
+            # A unique name, so two test CAs never shadow each other in a trust store.
+            x509.NameAttribute(NameOID.COMMON_NAME, f"edgeterm local CA {secrets.token_hex(4)}"),
+        ]
+    )
+    cert = ca_certificate(key, name, now - _BACKDATE, now + dt.timedelta(days=max(days, _CA_DAYS)))
     cert_path, key_path = directory / CA_CERT_NAME, directory / CA_KEY_NAME
     _write(key_path, _key_pem(key), 0o600)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)

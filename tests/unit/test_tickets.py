@@ -26,6 +26,7 @@ from edgeterm.tickets import (
     wipe_bytes,
 )
 from edgeterm.tls import build_contexts
+from tests.support import memtls
 
 ZERO_KEY = bytes(KEY_SIZE)
 
@@ -269,21 +270,7 @@ def connect(
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost", session=session)
     srv = server.contexts.default.wrap_bio(s_in, s_out, server_side=True)
-    done = [False, False]
-    for _ in range(10):
-        for index, side in enumerate((client, srv)):
-            if not done[index]:
-                try:
-                    side.do_handshake()
-                    done[index] = True
-                except ssl.SSLWantReadError:
-                    pass
-            s_in.write(c_out.read())
-            c_in.write(s_out.read())
-        if all(done):
-            break
-    else:
-        raise AssertionError("handshake did not finish")
+    memtls.handshake(client, srv, (c_in, c_out), (s_in, s_out))
     srv.write(b"x")  # application data after the tickets: reading it processes them
     c_in.write(s_out.read())
     assert client.read(1) == b"x"

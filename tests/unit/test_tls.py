@@ -17,6 +17,7 @@ from edgeterm.certs import LoadedCert
 from edgeterm.config import CertificateConfig, TicketsConfig, TlsConfig
 from edgeterm.errors import ConfigError
 from edgeterm.tls import INTERMEDIATE_TLS12_CIPHERS, TlsContexts, build_contexts
+from tests.support import memtls
 
 CONFIG = "etc/edgeterm.toml"
 
@@ -71,20 +72,7 @@ class Handshake:
         c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
         self.client = client_ctx.wrap_bio(c_in, c_out, server_hostname=server_hostname)
         self.server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-        done = [False, False]
-        for _ in range(10):
-            for index, side in enumerate((self.client, self.server)):
-                if not done[index]:
-                    try:
-                        side.do_handshake()
-                        done[index] = True
-                    except ssl.SSLWantReadError:
-                        pass
-                s_in.write(c_out.read())
-                c_in.write(s_out.read())
-            if all(done):
-                return
-        raise AssertionError("handshake did not finish")
+        memtls.handshake(self.client, self.server, (c_in, c_out), (s_in, s_out))
 
     def peer_subject(self) -> str:
         der = self.client.getpeercert(binary_form=True)
