@@ -776,6 +776,7 @@ class Supervisor:
                     "resumed": st.get("resumed", 0),
                     "closed_by": st.get("closed_by", {}),
                     "upstream_connect_errors": st.get("upstream_connect_errors", 0),
+                    "accept_errors": st.get("accept_errors", 0),
                 }
             )
         return {

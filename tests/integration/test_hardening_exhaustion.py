@@ -20,15 +20,16 @@ import shutil
 import ssl
 import threading
 import time
+from collections import Counter
 
 import psutil
 import pytest
 
 from tests.support import launcher, procfs
-from tests.support.supervision import echo_once
+from tests.support.supervision import echo_once, supervised_config, wait_status
 from tests.support.tlsclient import connect_tls, recv_exactly
 from tests.support.upstreams import SourceSinkUpstream, source_sink_header
-from tests.support.waiting import Deadline, wait_until
+from tests.support.waiting import Deadline, WaitTimeout, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -75,7 +76,9 @@ def test_emfile_worker_backs_off_and_recovers(edgeterm, echo, client_ctx, monkey
         "edgeterm_command",
         lambda: ["prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", *plain()],
     )
-    server = edgeterm.start([echo.addr], timeouts={"handshake": 20.0, "connect": 5.0})
+    cfg, _, admin_socket = supervised_config(edgeterm, [echo.addr], workers=1, pin_cpus=False)
+    cfg["timeouts"].update({"handshake": 20.0, "connect": 5.0})
+    server = edgeterm.start(cfg=cfg)
     port = server.port()
     workers = worker_pids(server)
     (worker,) = workers
@@ -93,11 +96,21 @@ def test_emfile_worker_backs_off_and_recovers(edgeterm, echo, client_ctx, monkey
             timeout=15,
             what="the first clients to be served",
         )
-        wait_until(
-            lambda: worker_pids(server) != workers or procfs.tree_fds(worker) >= FD_LIMIT - 2,
-            timeout=10,
-            what="the worker to reach its file limit",
-        )
+        # the worker's own counter says it met EMFILE (on accept, or on an upstream socket)
+        # and backed off; the counters reach the admin socket with the next heartbeat
+        try:
+            wait_status(
+                admin_socket,
+                lambda st: sum(w["accept_errors"] for w in st["workers"]) > 0,
+                timeout=30,
+                what="the worker to count a failed accept or upstream socket (EMFILE)",
+            )
+        except WaitTimeout as exc:
+            raise AssertionError(
+                f"{exc}\nworker fds: {procfs.tree_fds(worker)} (limit {FD_LIMIT}); "
+                f"clients: {sorted(Counter(c.outcome for c in clients).items())}"
+            ) from None
+        assert procfs.tree_fds(worker) >= FD_LIMIT - 2, "EMFILE counted below the file limit"
         time.sleep(1.0)  # a negative check: at the limit for a while, the worker must survive
         assert server.running() and worker_pids(server) == workers, "the worker died at EMFILE"
         outcomes = [c.outcome for c in clients]
