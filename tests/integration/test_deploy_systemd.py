@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.support import launcher
+from tests.support.ci import unavailable
 from tests.support.configs import write_config
 from tests.support.launcher import EdgetermFactory, edgeterm_command, run_cli
 from tests.support.supervision import start_supervised
@@ -36,10 +37,12 @@ pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "edgeterm.service"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
-needs_systemd_analyze = pytest.mark.skipif(
-    SYSTEMD_ANALYZE is None,
-    reason="systemd-analyze not installed (apt-get install systemd): unit file not verified",
-)
+
+
+def systemd_analyze() -> str:
+    if SYSTEMD_ANALYZE is None:
+        unavailable("systemd-analyze not installed (apt-get install systemd): unit not verified")
+    return SYSTEMD_ANALYZE
 
 
 def unit_settings(text: str) -> dict[str, dict[str, list[str]]]:
@@ -103,12 +106,61 @@ def test_unit_settings() -> None:
     assert float(one["TimeoutStopSec"]) > 30
 
 
-@needs_systemd_analyze
+# What Restart=on-failure should do after `edgeterm start --foreground` exits with each of the
+# CLI's documented exit codes: "restart", "prevent" (RestartPreventExitStatus=: restarting cannot
+# help), or "n/a" (start never exits with it). A new exit code in edgeterm/cli.py or docs/cli.md
+# fails test_restart_prevent_exit_status_covers_the_cli_exit_codes until it is classified here.
+EXIT_CODE_RESTART_POLICY = {
+    0: "n/a",  # success: a clean exit is never restarted by on-failure
+    1: "restart",  # an unexpected failure of the supervisor
+    2: "prevent",  # the config is invalid
+    3: "n/a",  # not running: stop, reload, status only
+    4: "prevent",  # cannot start here: port in use, OpenSSL self-check
+    5: "prevent",  # a worker could not boot: the server halted instead of crash-looping
+    6: "prevent",  # already running
+    7: "n/a",  # status --ready: not ready
+}
+
+
+def cli_exit_codes() -> dict[str, int]:
+    """``EXIT_* = n`` in edgeterm/cli.py, the codes' single definition."""
+    text = (REPO / "edgeterm" / "cli.py").read_text()
+    codes = {m[1]: int(m[2]) for m in re.finditer(r"(?m)^(EXIT_[A-Z_]+) = (\d+)$", text)}
+    assert codes, "no EXIT_* constants found in edgeterm/cli.py"
+    return codes
+
+
+def documented_exit_codes() -> set[int]:
+    """The rows of the exit code table in docs/cli.md."""
+    text = (REPO / "docs" / "cli.md").read_text()
+    section = text.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    return {int(m[1]) for m in re.finditer(r"(?m)^\| (\d+) \|", section)}
+
+
+def test_restart_prevent_exit_status_covers_the_cli_exit_codes() -> None:
+    codes = set(cli_exit_codes().values())
+    assert codes == documented_exit_codes(), "edgeterm/cli.py and docs/cli.md disagree"
+    unclassified = codes - set(EXIT_CODE_RESTART_POLICY)
+    assert not unclassified, f"exit codes {sorted(unclassified)}: classify them for systemd"
+    s = unit_settings(UNIT.read_text())["Service"]
+    assert s["Restart"] == ["on-failure"]
+    prevent = {int(w) for line in s.get("RestartPreventExitStatus", []) for w in line.split()}
+    expected = {c for c in codes if EXIT_CODE_RESTART_POLICY[c] == "prevent"}
+    assert prevent == expected, (
+        f"RestartPreventExitStatus={sorted(prevent)}, want {sorted(expected)}"
+    )
+    # and the codes the supervisor itself halts with are the CLI's
+    from edgeterm.supervisor import launch, supervisor
+
+    assert cli_exit_codes()["EXIT_BOOT"] == supervisor.EXIT_BOOT
+    assert cli_exit_codes()["EXIT_ALREADY_RUNNING"] == launch.EXIT_ALREADY_RUNNING
+
+
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    assert SYSTEMD_ANALYZE is not None
+    analyze = systemd_analyze()
     unit = local_unit(tmp_path)
     r = subprocess.run(
-        [SYSTEMD_ANALYZE, "verify", str(unit)],
+        [analyze, "verify", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -123,12 +175,11 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     )
 
 
-@needs_systemd_analyze
 def test_sandbox_exposure_is_low(tmp_path: Path) -> None:
-    assert SYSTEMD_ANALYZE is not None
+    analyze = systemd_analyze()
     unit = local_unit(tmp_path)
     r = subprocess.run(
-        [SYSTEMD_ANALYZE, "security", "--offline=yes", "--no-pager", str(unit)],
+        [analyze, "security", "--offline=yes", "--no-pager", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -136,7 +187,7 @@ def test_sandbox_exposure_is_low(tmp_path: Path) -> None:
     )
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout + r.stderr)
     if m is None:
-        pytest.skip(f"systemd-analyze security --offline not supported here: {r.stderr.strip()}")
+        unavailable(f"systemd-analyze security --offline not supported here: {r.stderr.strip()}")
     assert float(m[1]) <= 2.5, r.stdout
 
 
