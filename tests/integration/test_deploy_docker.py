@@ -210,6 +210,17 @@ def test_entrypoint_starts_in_the_foreground_with_the_mounted_config(stages: lis
         assert "CMD [" in check.args, "exec form"
 
 
+def test_healthcheck_is_status_ready(stages: list[Stage]) -> None:
+    """Healthy means every worker accepts connections, not just that the supervisor answers."""
+    [check] = stages[-1].all("HEALTHCHECK")
+    argv = json.loads(check.args[check.args.index("CMD [") + len("CMD ") :])
+    prefix = install_prefix(stages[0])
+    config = f"{IMAGE_ETC}/edgeterm.toml"
+    assert argv == [f"{prefix}/bin/edgeterm", "status", "--ready", "-c", config]
+    timeout = re.search(r"--timeout=(\d+)s", check.args)
+    assert timeout and int(timeout[1]) >= 2, "an exec of Python needs more than a second"
+
+
 def test_every_copied_path_exists_and_is_in_the_build_context(stages: list[Stage]) -> None:
     patterns = dockerignore_patterns()
     copies = [c for s in stages for c in context_copies(s)]
@@ -373,7 +384,77 @@ def test_installed_edgeterm_is_self_contained(image_venv: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(str(IMAGE_PYTHON)), r.stdout
     assert str(image_venv) in r.stdout, f"edgeterm imported from outside the venv: {r.stdout}"
-    assert not (image_venv / "bin" / "pip").exists(), "pip is removed from the image"
+
+
+# What `python -m venv` seeds and what a build needs; none of it belongs in the image.
+NOT_IN_THE_IMAGE = ("pip", "setuptools", "pkg_resources", "_distutils_hack", "wheel")
+
+
+def site_packages(venv: Path) -> Path:
+    [site] = (venv / "lib").glob("python3.*/site-packages")
+    return site
+
+
+def dependency_closure(dists: dict[str, Any], root: str) -> set[str]:
+    """The canonical names of ``root`` and everything it requires, transitively, with the
+    extras each requirement asks for and the markers evaluated for this Python (the image's
+    minor version)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[tuple[str, str]] = set()
+    todo = [(canonicalize_name(root), "")]
+    while todo:
+        name, extra = todo.pop()
+        if (name, extra) in seen:
+            continue
+        seen.add((name, extra))
+        assert name in dists, f"{name} is required but not installed"
+        for text in dists[name].requires or []:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+                continue
+            dep = canonicalize_name(req.name)
+            todo += [(dep, "")] + [(dep, e) for e in req.extras]
+    return {name for name, _ in seen}
+
+
+@pytestmark_install
+def test_the_venv_holds_exactly_edgeterm_and_its_dependencies(image_venv: Path) -> None:
+    """No pip, setuptools, pkg_resources or _distutils_hack (what `python -m venv` seeds);
+    every installed distribution is in edgeterm's dependency closure, and every file in
+    site-packages belongs to one of them."""
+    from importlib.metadata import distributions
+
+    from packaging.utils import canonicalize_name
+
+    site = site_packages(image_venv)
+    dists = {canonicalize_name(d.metadata["Name"]): d for d in distributions(path=[str(site)])}
+    closure = dependency_closure(dists, "edgeterm")
+    assert set(dists) == closure, f"not required by edgeterm: {sorted(set(dists) - closure)}"
+    for name in NOT_IN_THE_IMAGE:
+        assert name not in dists, name
+        assert not list(site.glob(f"{name}*")), f"{name} in {site}"
+    assert not list(site.glob("*.pth")), "no .pth hooks (distutils-precedence.pth, ...)"
+    owned = {
+        Path(str(f)).parts[0]
+        for d in dists.values()
+        for f in d.files or []
+        if not str(f).startswith("..")
+    }
+    unowned = sorted(p.name for p in site.iterdir() if p.name not in owned)
+    assert not unowned, f"files in site-packages that no installed distribution owns: {unowned}"
+    scripts = {
+        Path(str(f)).name
+        for d in dists.values()
+        for f in d.files or []
+        if str(f).startswith("../../../bin/")
+    }
+    for exe in (image_venv / "bin").iterdir():
+        assert exe.name in scripts or re.fullmatch(
+            r"python3?(\.\d+)?|activate.*|Activate\.ps1", exe.name
+        ), f"bin/{exe.name}: not a script of edgeterm's dependencies"
+    assert "edgeterm" in scripts
 
 
 @pytestmark_install
