@@ -49,6 +49,7 @@ from typing import Any
 import pytest
 
 from tests.support.certs import CertSet
+from tests.support.ci import unavailable
 from tests.support.configs import base_config, write_config
 from tests.support.launcher import Edgeterm, edgeterm_command, run_cli
 from tests.support.supervision import admin_status, free_port
@@ -66,10 +67,6 @@ INSTANCES = 3
 SUBNET = "192.0.2"  # TEST-NET-1, only ever inside the test's own namespaces
 REQUEST = b"GET /fleet HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 CLONE_NEWNET = 0x40000000
-
-needs_haproxy = pytest.mark.skipif(
-    HAPROXY is None, reason="haproxy not installed (apt-get install haproxy)"
-)
 
 
 # --- network namespaces ---------------------------------------------------------------------
@@ -393,11 +390,11 @@ def fleet(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, certs: CertSet
 ) -> Iterator[Fleet]:
     if HAPROXY is None:
-        pytest.skip("haproxy not installed (apt-get install haproxy)")
+        unavailable("haproxy not installed (apt-get install haproxy)")
     if request.param == "netns":
         why = netns_unavailable()
         if why is not None:
-            pytest.skip(f"network namespaces unavailable ({why}); the loopback variant runs")
+            unavailable(f"network namespaces unavailable ({why}); the loopback variant runs")
         topo = make_netns_topology(f"{os.getpid() % 100000}")
     else:
         topo = make_loopback_topology()
@@ -634,9 +631,9 @@ def test_killing_an_instance_fails_no_connection_once_the_balancer_noticed(fleet
 # --- the shipped balancer config ----------------------------------------------------------------
 
 
-@needs_haproxy
 def test_shipped_haproxy_config_is_valid(tmp_path: Path) -> None:
-    assert HAPROXY is not None
+    if HAPROXY is None:
+        unavailable("haproxy not installed (apt-get install haproxy)")
     r = subprocess.run(
         [HAPROXY, "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=30
     )

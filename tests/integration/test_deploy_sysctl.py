@@ -12,7 +12,7 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-import pytest
+from tests.support.ci import unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "deploy" / "sysctl" / "90-edgeterm.conf"
@@ -79,12 +79,16 @@ def test_values_agree_with_the_rest_of_deploy() -> None:
 
 
 def test_the_kernel_takes_the_per_namespace_settings() -> None:
-    if shutil.which("ip") is None or os.geteuid() != 0:
-        pytest.skip("needs root and iproute2 to make a network namespace")
+    if shutil.which("ip") is None:
+        unavailable("the ip command is missing (apt-get install iproute2)")
+    if shutil.which("sysctl") is None:
+        unavailable("the sysctl command is missing (apt-get install procps)")
+    if os.geteuid() != 0:
+        unavailable("not root: creating a network namespace needs CAP_SYS_ADMIN")
     name = f"etsysctl{os.getpid()}"
     r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=20)
     if r.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {r.stderr.strip()}")
+        unavailable(f"cannot create a network namespace: {r.stderr.strip()}")
     try:
         for key, value, _ in settings():
             if not key.startswith("net."):
