@@ -235,6 +235,45 @@ def test_pod_runs_as_the_image_user_and_sizes_agree(
     assert cfg["server"]["pin_cpus"] is False
 
 
+def test_one_pod_per_node(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Required pod anti-affinity on the node name: never two edgeterm pods on one node (a
+    topology spread with maxSkew 1 would allow it once every node has one)."""
+    deploy = objects["Deployment", "edgeterm"]
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    terms = pod_spec(objects)["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert any(
+        term["topologyKey"] == "kubernetes.io/hostname"
+        and term["labelSelector"]["matchLabels"].items() <= labels.items()
+        and not term.get("namespaces")
+        for term in terms
+    ), terms
+    # a rollout must not wait for a spare node: with one pod per node, a surge pod has no
+    # node to go to on a cluster of exactly `replicas` nodes, so an old pod must go first
+    rolling = deploy["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] >= 1 or rolling["maxSurge"] == 0, rolling
+    assert (
+        rolling["maxUnavailable"]
+        <= objects["PodDisruptionBudget", "edgeterm"]["spec"]["maxUnavailable"]
+    )
+
+
+def test_probes(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Readiness and startup: every worker accepts (`status --ready`). Liveness: the supervisor
+    answers (`status`): a worker is the supervisor's to replace, not a reason to restart the
+    container and drop every connection."""
+    c = container(objects, "edgeterm")
+    config = ["-c", "/etc/edgeterm/edgeterm.toml"]
+    for probe in ("startupProbe", "readinessProbe"):
+        command = c[probe]["exec"]["command"]
+        assert command[1:] == ["status", "--ready", *config], (probe, command)
+    assert c["livenessProbe"]["exec"]["command"][1:] == ["status", *config]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        # an exec starts a Python process: the kubelet's default 1 s is too tight
+        assert c[probe].get("timeoutSeconds", 1) >= 2, probe
+
+
 def test_configmap_config_checks(
     objects: dict[tuple[str, str], dict[str, Any]], certs: CertSet, tmp_path: Path
 ) -> None:
