@@ -1,8 +1,11 @@
 """Load and validate the TOML config file into the frozen dataclasses of ``edgeterm.config``.
 
 Validation is all-or-nothing: every problem in the file is collected, then reported at once as one
-``ConfigError`` whose lines read ``<file>: <key path>: <what is wrong>``. Nothing here opens the
+``ConfigError`` whose lines read ``<file>: <key path>: <what is wrong>``. Nothing here reads the
 files the config names (certificates, ticket keys); their loaders check them with better messages.
+The one file edgeterm writes, the access log (when ``telemetry.access_log`` is on), is checked
+here for being openable, without writing or creating anything, so that ``check-config``, start
+and reload report it by its key instead of a worker failing to boot.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import pwd
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -849,8 +853,51 @@ def _read_telemetry(t: _Table, base: Path) -> TelemetryConfig:
         access_log=t.get("access_log", _boolean, d.access_log),
         access_log_file=t.get("access_log_file", _optional_path(base), d.access_log_file),
     )
+    if telemetry.access_log and telemetry.access_log_file is not None:
+        # every worker opens it at boot: a failure there would halt the server (exit 5)
+        path = telemetry.access_log_file
+        reason = _cannot_append(path)
+        if reason is not None:
+            t.error(
+                "access_log_file",
+                f"cannot open {_quote(str(path), limit=4096)} for appending: {reason}",
+            )
     t.close()
     return telemetry
+
+
+def _cannot_append(path: Path) -> str | None:
+    """Why ``path`` could not be opened for appending the way the access log opens it
+    (created, with any missing parent directories, if it does not exist); None if it could.
+    Writes and creates nothing: an existing regular file is opened for writing and closed at
+    once, a missing one needs its nearest existing ancestor to be a writable directory."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:  # a parent that is a file (ENOTDIR), a loop, no search permission
+        return exc.strerror or str(exc)
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            return "it is a directory"
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device: opening could block
+            return None if os.access(path, os.W_OK) else "Permission denied"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        os.close(fd)
+        return None
+    ancestor = path.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{_quote(str(ancestor), limit=4096)} is not a directory"
+    if os.statvfs(ancestor).f_flag & os.ST_RDONLY:
+        return f"cannot create it in {_quote(str(ancestor), limit=4096)}: Read-only file system"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot create it in {_quote(str(ancestor), limit=4096)}: Permission denied"
+    return None
 
 
 # --- the file ----------------------------------------------------------------------------------

@@ -70,6 +70,15 @@ def _copy_key_from(other: str) -> Mutation:
     return mutate
 
 
+def _access_log_at(relative: str) -> Mutation:
+    """The access log on, written to ``relative`` (to the config directory)."""
+
+    def mutate(cfg: dict[str, Any], d: Path) -> None:
+        cfg["telemetry"] = {"access_log": True, "access_log_file": str(d / relative)}
+
+    return mutate
+
+
 CASES: dict[str, tuple[Mutation, str]] = {
     # name: (mutation, key path regex that the error line must name)
     "missing key file": (
@@ -106,6 +115,12 @@ CASES: dict[str, tuple[Mutation, str]] = {
     "upstream name that does not exist": (
         _set("listeners[0].upstream", "nope"),
         r"listeners\[0\]\.upstream",
+    ),
+    # the access log cannot be opened (even by root): a directory, or under a regular file
+    "access log file is a directory": (_access_log_at("certs"), r"telemetry\.access_log_file"),
+    "access log file under a regular file": (
+        _access_log_at("certs/localhost.pem/access.log"),
+        r"telemetry\.access_log_file",
     ),
 }
 
@@ -181,3 +196,76 @@ def test_relative_paths_resolve_against_config_dir(config_dir, certs, tmp_path):
     path = write_config(sub / "edgeterm.toml", good_config(certs))
     r = run_cli("check-config", "-c", str(path), cwd=tmp_path.parent)
     assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    ("relative", "reason"),
+    [
+        ("certs", "it is a directory"),
+        ("certs/localhost.pem/access.log", "Not a directory"),
+        ("certs/localhost.pem/logs/access.log", "Not a directory"),
+    ],
+)
+def test_unopenable_access_log_fails_check_config_and_start_with_exit_2(
+    config_dir: Path, certs: CertSet, relative: str, reason: str
+) -> None:
+    """What a worker would otherwise find at boot (the server halting with exit 5 and a
+    message without the key): ``FILE: telemetry.access_log_file: cannot open ...: reason``."""
+    cfg = good_config(certs)
+    _access_log_at(relative)(cfg, config_dir)
+    path = write_config(config_dir / "edgeterm.toml", cfg)
+    target = re.escape(str(config_dir / relative))
+    line = re.compile(
+        rf"(?m)^{re.escape(str(path))}: telemetry\.access_log_file: "
+        rf'cannot open "{target}" for appending: {reason}$'
+    )
+    code, out, err = check(path)
+    assert code == 2 and line.search(err), (code, out, err)
+    assert not (config_dir / "certs" / "localhost.pem").is_dir()  # nothing was created
+    for args in (["start"], ["start", "--foreground"]):
+        r = run_cli(*args, "-c", str(path), cwd=config_dir, timeout=60)
+        try:
+            assert r.returncode == 2 and line.search(r.stderr), (args, r.returncode, r.stderr)
+        finally:
+            if r.returncode == 0:  # started after all: stop it
+                run_cli("stop", "-c", str(path), timeout=60)
+    assert not (config_dir / "run" / "edgeterm.pid").exists()
+
+
+def test_access_log_that_can_be_created_is_ok(config_dir: Path, certs: CertSet) -> None:
+    """A missing file in missing directories is fine (the access log creates them), and the
+    check creates nothing."""
+    cfg = good_config(certs)
+    _access_log_at("logs/today/access.log")(cfg, config_dir)
+    path = write_config(config_dir / "edgeterm.toml", cfg)
+    code, out, err = check(path)
+    assert (code, out.strip()) == (0, "ok"), err
+    assert not (config_dir / "logs").exists()
+
+
+def test_max_conns_below_the_worker_count_is_a_warning(config_dir: Path, certs: CertSet) -> None:
+    """Each worker allows at least one connection (docs/routing.md, "Caps"): with 2 workers,
+    max_conns = 1 really means 2. check-config and start say so, and go on."""
+    cfg = good_config(certs)
+    cfg["server"].update({"workers": 2, "pin_cpus": False})
+    cfg["upstreams"]["app"]["servers"] = [
+        {"address": "127.0.0.1:9", "max_conns": 1},
+        {"address": "[::1]:9", "max_conns": 2},
+    ]
+    path = write_config(config_dir / "edgeterm.toml", cfg)
+    warning = re.compile(
+        rf"(?m)^warning: {re.escape(str(path))}: upstreams\.app\.servers\[0\]\.max_conns: 1 is "
+        r"fewer than the 2 workers.*up to 2 can be open to 127\.0\.0\.1:9"
+    )
+    code, out, err = check(path)
+    assert (code, out.strip()) == (0, "ok"), err
+    assert warning.search(err), err
+    assert "servers[1]" not in err  # 2 caps over 2 workers: 1 each, exactly the cap
+    r = run_cli("start", "-c", str(path), cwd=config_dir, timeout=60)
+    try:
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert warning.search(r.stderr), r.stderr
+    finally:
+        if r.returncode == 0:
+            stopped = run_cli("stop", "-c", str(path), timeout=60)
+            assert stopped.returncode == 0, (stopped.stdout, stopped.stderr)
