@@ -12,10 +12,9 @@ client certificate's CN) and what the TLS object says (ALPN, version, cipher, re
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from edgeterm.config import Address, UpstreamConfig
+from edgeterm.config import Address, Config, UpstreamConfig
 from edgeterm.proxyproto import Tlv, encode_v1, encode_v2, tlv_alpn, tlv_authority, tlv_ssl
 
 from .balance import Balancer, Server
@@ -24,6 +23,37 @@ PROXY_NONE = 0
 PROXY_V1 = 1
 PROXY_V2 = 2
 _PROXY_VERSIONS = {"none": PROXY_NONE, "v1": PROXY_V1, "v2": PROXY_V2}
+
+
+def worker_share(max_conns: int, workers: int) -> int:
+    """One worker's cap on a server's open connections: ``floor(max_conns / workers)``, but at
+    least 1; 0 (no cap) stays 0.
+
+    The workers do not share a counter (an atomic operation on the hot path), so each enforces
+    its share. Rounding down keeps the total, ``workers * share``, at or under ``max_conns``
+    (at most ``workers - 1`` under it). The one exception is ``max_conns < workers``: every
+    worker still allows 1 connection, so the total is ``workers``; ``max_conns_warnings`` says
+    so at check-config and start. docs/routing.md, "Caps"."""
+    if max_conns <= 0:
+        return 0
+    return max(1, max_conns // max(1, workers))
+
+
+def max_conns_warnings(config: Config, workers: int, file: str) -> list[str]:
+    """A warning per server whose ``max_conns`` is fewer than ``workers``: the total it can
+    get is then ``workers``, not ``max_conns``."""
+    warnings = []
+    for name, pool in config.upstreams.items():
+        for i, address in enumerate(pool.servers):
+            cap = pool.cap(i)
+            if 0 < cap < workers:
+                warnings.append(
+                    f"{file}: upstreams.{name}.servers[{i}].max_conns: {cap} is fewer than the "
+                    f"{workers} workers, and each worker allows at least 1 connection: up to "
+                    f"{workers} can be open to {address} (set max_conns >= {workers}, or fewer "
+                    "workers)"
+                )
+    return warnings
 
 
 class Pool:
@@ -43,16 +73,15 @@ class Pool:
 
     def __init__(self, cfg: UpstreamConfig, *, workers: int = 1) -> None:
         """``workers``: how many workers share the pool's ``max_conns`` (each gets
-        ``ceil(max_conns / workers)``)."""
+        ``worker_share(max_conns, workers)``)."""
         self.name = cfg.name
         self.servers: tuple[Address, ...] = cfg.servers
         self.size = len(cfg.servers)
         self.keys: tuple[str, ...] = tuple(str(a) for a in cfg.servers)
         self.index = {key: i for i, key in enumerate(self.keys)}
-        share = max(1, workers)
         self.balancer = Balancer(
             [
-                Server(key, cfg.weight(i), math.ceil(cfg.cap(i) / share))
+                Server(key, cfg.weight(i), worker_share(cfg.cap(i), workers))
                 for i, key in enumerate(self.keys)
             ],
             cfg.balance,

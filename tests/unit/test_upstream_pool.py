@@ -36,9 +36,9 @@ def test_weights_caps_and_attempts_come_from_the_config():
     assert pool.balancer.weights == (3, 1, 1)
     assert pool.balancer.caps == (10, 0, 3)
     assert pool.max_attempts == 2
-    # four workers share the caps: each gets ceil(cap / 4)
+    # four workers share the caps: each gets floor(cap / 4), at least 1 (docs/routing.md)
     shared = Pool(UpstreamConfig(name="app", servers=_addrs(3), max_conns=(10, 0, 3)), workers=4)
-    assert shared.balancer.caps == (3, 0, 1)
+    assert shared.balancer.caps == (2, 0, 1)
 
 
 def test_unix_and_ipv6_servers_are_keyed_as_written():
