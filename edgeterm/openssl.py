@@ -32,10 +32,13 @@ import _ssl
 import ctypes
 import ctypes.util
 import os
+import resource
 import ssl
 import sys
+from dataclasses import dataclass
 from typing import Any, Final
 
+from edgeterm import secmem
 from edgeterm.errors import StartupError
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "enable_secure_heap",
     "has_pending",
     "libssl_path",
+    "lock_secure_heap",
     "negotiated_group",
     "self_check",
     "set_groups",
@@ -194,6 +198,12 @@ class _Lib:
             "CRYPTO_secure_malloc_init", c_int, ctypes.c_size_t, ctypes.c_size_t
         )
         self.CRYPTO_secure_malloc_initialized = fn("CRYPTO_secure_malloc_initialized", c_int)
+        self.CRYPTO_secure_malloc = fn(
+            "CRYPTO_secure_malloc", vp, ctypes.c_size_t, ctypes.c_char_p, c_int
+        )
+        self.CRYPTO_secure_free = fn("CRYPTO_secure_free", None, vp, ctypes.c_char_p, c_int)
+        self.CRYPTO_secure_allocated = fn("CRYPTO_secure_allocated", c_int, vp)
+        self.CRYPTO_secure_used = fn("CRYPTO_secure_used", ctypes.c_size_t)
 
 
 def _load() -> tuple[_Lib | None, str]:
@@ -323,22 +333,146 @@ def enable_secure_heap(size: int = 1 << 16, min_size: int = 32) -> str:
     """Turn on OpenSSL's secure heap (mlock'ed, guarded) for private keys loaded afterwards.
 
     Call before any private key is loaded, with ``secure_heap_size(max_connections)``: the
-    ephemeral keys of live connections live there too. Returns a sentence for the log saying
-    whether it is on; never raises (it is a hardening, not a requirement).
+    ephemeral keys of live connections live there too. Also finds where the heap is mapped,
+    so that each forked worker can lock its own copy (``lock_secure_heap``). Returns a
+    sentence for the log saying what is true in this process; never raises (it is a
+    hardening, not a requirement).
     """
+    global _secure_heap
     lib = _lib()
     if lib.CRYPTO_secure_malloc_initialized():
-        return "OpenSSL secure heap: on"
+        return "OpenSSL secure heap: on (set up earlier in this process)"
     result = int(lib.CRYPTO_secure_malloc_init(size, min_size))
     lib.ERR_clear_error()
-    if result == 1:
-        return f"OpenSSL secure heap: on ({size // 1024} KiB, locked) for private keys"
-    if result == 2:
-        return (
-            f"OpenSSL secure heap: on ({size // 1024} KiB) but not locked in memory "
-            "(RLIMIT_MEMLOCK too low)"
+    if result not in (1, 2):
+        return "OpenSSL secure heap: off (CRYPTO_secure_malloc_init failed; check RLIMIT_MEMLOCK)"
+    heap = _secure_heap = _locate_secure_heap(size)
+    flags = _vma_flags(heap.start) if heap is not None else None
+    # 1: guard pages, mlock and MADV_DONTDUMP all worked; 2: one of them failed
+    locked = result == 1 or (flags is not None and "lo" in flags)
+    here = "locked in the supervisor" if locked else "not locked in memory (RLIMIT_MEMLOCK too low)"
+    if heap is None:
+        workers = "the workers cannot lock their copies (its mapping was not found)"
+    else:
+        workers = (
+            "each worker locks its own copy at start and logs the result "
+            "(mlock is not inherited across fork)"
         )
-    return "OpenSSL secure heap: off (CRYPTO_secure_malloc_init failed; check RLIMIT_MEMLOCK)"
+    return f"OpenSSL secure heap: on ({size // 1024} KiB) for private keys, {here}; {workers}"
+
+
+@dataclass(frozen=True, slots=True)
+class SecureHeap:
+    """Where OpenSSL's secure heap arena is mapped (the same address in forked children)."""
+
+    start: int
+    size: int
+
+
+_secure_heap: SecureHeap | None = None  # found by enable_secure_heap, inherited by fork
+
+
+def secure_heap() -> SecureHeap | None:
+    return _secure_heap
+
+
+def secure_heap_used() -> int:
+    """Bytes allocated from the secure heap now (``CRYPTO_secure_used``); 0 without one
+    (OpenSSL 3.0 takes a lock that exists only once the heap is set up)."""
+    lib = _lib()
+    if not lib.CRYPTO_secure_malloc_initialized():
+        return 0
+    return int(lib.CRYPTO_secure_used())
+
+
+def _maps() -> list[tuple[int, int, str]]:
+    """(start, end, permissions) of every mapping of this process, in address order."""
+    out = []
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+        for line in maps:
+            fields = line.split(None, 2)
+            if len(fields) < 2:
+                continue
+            lo, _, hi = fields[0].partition("-")
+            out.append((int(lo, 16), int(hi, 16), fields[1]))
+    return out
+
+
+def _vma_flags(start: int) -> set[str] | None:
+    """The kernel's flags (``VmFlags`` in /proc/self/smaps: ``lo`` locked, ``dd`` not dumped)
+    of the mapping that starts at ``start``; None when there is none or smaps is unreadable."""
+    found = False
+    try:
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
+            for line in smaps:
+                head = line.split(None, 1)[0] if line.strip() else ""
+                if not head.endswith(":") and "-" in head:  # a mapping's first line
+                    found = int(head.partition("-")[0], 16) == start
+                elif found and head == "VmFlags:":
+                    return set(line.split()[1:])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _locate_secure_heap(size: int) -> SecureHeap | None:
+    """The arena ``CRYPTO_secure_malloc_init`` mapped: the mapping holding a secure allocation
+    (a one-byte probe, freed at once), exactly ``size`` bytes, read-write, between the two
+    inaccessible guard pages OpenSSL puts around it. None if anything does not match."""
+    lib = _lib()
+    probe = lib.CRYPTO_secure_malloc(1, b"edgeterm", 0)
+    if not probe:
+        return None
+    try:
+        if not lib.CRYPTO_secure_allocated(probe):
+            return None  # OpenSSL fell back to ordinary memory
+        maps = _maps()
+    except OSError:
+        return None
+    finally:
+        lib.CRYPTO_secure_free(probe, b"edgeterm", 0)
+    for i, (lo, hi, perms) in enumerate(maps):
+        if lo <= probe < hi:
+            before = maps[i - 1] if i > 0 else (0, 0, "")
+            after = maps[i + 1] if i + 1 < len(maps) else (0, 0, "")
+            guarded = before[1] == lo and before[2].startswith("---")
+            guarded = guarded and after[0] == hi and after[2].startswith("---")
+            if hi - lo == size and perms.startswith("rw") and guarded:
+                return SecureHeap(lo, size)
+            return None
+    return None
+
+
+def lock_secure_heap() -> tuple[bool | None, str]:
+    """Lock this process's copy of the secure heap (call in a worker right after fork: memory
+    locks are not inherited, so a child's copy, private keys included, could be swapped).
+
+    Returns (locked, a sentence for the log); locked is None when there is no secure heap.
+    The lock is ``MLOCK_ONFAULT``, as OpenSSL's own: pages are locked as they are used.
+    """
+    heap = _secure_heap
+    if heap is None:
+        return None, "OpenSSL secure heap: none to lock"
+    kib = heap.size // 1024
+    try:
+        mapped = any(lo == heap.start and hi == heap.start + heap.size for lo, hi, _ in _maps())
+    except OSError as exc:
+        return False, f"OpenSSL secure heap ({kib} KiB): not locked (/proc/self/maps: {exc})"
+    if not mapped:
+        return False, f"OpenSSL secure heap ({kib} KiB): not locked (its mapping moved)"
+    err = secmem.lock_range(heap.start, heap.size)
+    if err:
+        soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
+        return False, (
+            f"OpenSSL secure heap ({kib} KiB): not locked in memory ({os.strerror(err)}; "
+            f"RLIMIT_MEMLOCK is {limit}: raise it, e.g. LimitMEMLOCK= in the systemd unit)"
+        )
+    flags = _vma_flags(heap.start)
+    if flags is not None and "lo" not in flags:
+        return False, f"OpenSSL secure heap ({kib} KiB): mlock succeeded but it is not locked"
+    dump = ", left out of core dumps" if flags is not None and "dd" in flags else ""
+    return True, f"OpenSSL secure heap: locked ({kib} KiB{dump})"
 
 
 def set_groups(ctx: ssl.SSLContext, groups: str) -> None:

@@ -5,9 +5,13 @@ channel, the validated config and the TLS contexts (built and checked by the sup
 before the fork). Order matters:
 
 1. pin to the CPU (first act, so every allocation happens on the right node);
-2. stop sharing the parent's signal wakeup socket; install our own signal queue;
-3. drop privileges (``server.user`` / ``server.group``) when started as root;
-4. serve until drained or stopped.
+2. lock our copy of OpenSSL's secure heap (memory locks are not inherited across fork), and
+   log whether it is locked;
+3. stop sharing the parent's signal wakeup socket; install our own signal queue;
+4. take our own copy of the ticket key ring and wipe the inherited one (always, even with
+   tickets disabled);
+5. drop privileges (``server.user`` / ``server.group``) when started as root;
+6. serve until drained or stopped.
 
 Signals: SIGTERM drains, SIGQUIT stops at once, SIGUSR1 reopens the log file; SIGINT and
 SIGHUP are ignored (the terminal's Ctrl-C reaches the whole process group: the supervisor
@@ -28,7 +32,7 @@ import signal
 import socket
 from collections.abc import Mapping, Sequence
 
-from edgeterm import control, logs
+from edgeterm import control, logs, openssl
 from edgeterm.config import Config
 from edgeterm.signals import SignalQueue, reset_after_fork
 from edgeterm.telemetry import WorkerTelemetry
@@ -76,6 +80,7 @@ def serve(
     try:
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
+        _lock_secure_heap(slot)
         reset_after_fork()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -129,20 +134,42 @@ def serve(
     return 0
 
 
+def _lock_secure_heap(slot: int) -> None:
+    """Lock this worker's copy of OpenSSL's secure heap (private keys) and say so. A
+    hardening: whatever goes wrong is logged, never a reason not to serve."""
+    try:
+        locked, message = openssl.lock_secure_heap()
+    except Exception as exc:
+        log.warning("worker %d: OpenSSL secure heap: not locked (%s)", slot, exc)
+        return
+    if locked:
+        log.info("worker %d: %s", slot, message)
+    elif locked is not None:
+        log.warning("worker %d: %s", slot, message)
+
+
 def _install_tickets(
     config: Config,
     contexts: TlsContexts,
     seed: tuple[KeyStore, Sequence[int], int] | None,
 ) -> TicketCallback | None:
     """Copy the ring we inherited from the supervisor into our own locked store, wipe the
-    inherited copy, and install the ticket callback on every context."""
-    if not config.tls.tickets.enabled or seed is None:
+    inherited copy, and install the ticket callback on every context.
+
+    The inherited copy is wiped whatever happens: with tickets disabled it is not used, and
+    it must not stay behind in this process's memory either."""
+    if seed is None:
         return None
     inherited, order, seq = seed
+    if not config.tls.tickets.enabled:
+        inherited.buf.wipe()
+        return None
     store = KeyStore()
-    for i, slot in enumerate(order):
-        store.view(i)[:] = inherited.view(slot)
-    inherited.buf.wipe()
+    try:
+        for i, slot in enumerate(order):
+            store.view(i)[:] = inherited.view(slot)
+    finally:
+        inherited.buf.wipe()
     callback = TicketCallback(store)
     callback.keys_changed(seq, len(order))
     callback.install(contexts.contexts)
