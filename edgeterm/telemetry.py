@@ -205,7 +205,7 @@ HANDSHAKE_DURATION = _metric(
     "edgeterm.tls.handshake.duration",
     "histogram",
     "s",
-    "Time from accept to a completed TLS handshake.",
+    "Time from the start of the TLS handshake (after any PROXY header) to its completion.",
 )
 BYTES = _metric(
     "edgeterm.bytes",
@@ -488,6 +488,8 @@ class ConnRecord:
         "bytes_in",
         "bytes_out",
         "cipher",
+        "client_cn",
+        "client_subject",
         "failure",
         "failure_detail",
         "group",
@@ -521,6 +523,8 @@ class ConnRecord:
         self.sni: str | None = None
         self.group: str | None = None
         self.resumed = False
+        self.client_cn: str | None = None  # the verified client certificate's subject CN
+        self.client_subject: str | None = None  # its subject DN (RFC 4514), sampled only
         self.failure: str | None = None  # one of HANDSHAKE_FAILURE_KINDS
         self.failure_detail = ""
         self.upstream: str | None = None
@@ -554,6 +558,17 @@ class ConnRecord:
         """The client's own address, from a PROXY protocol header (the peer is the balancer)."""
         self.peer = peer
 
+    def client_certificate(self, so: Any, cn: str | None) -> None:
+        """A verified client certificate (``tls.client_auth``): its subject CN; for a sampled
+        connection also the whole subject DN, decoded from the certificate (``so``: the _ssl
+        object) only then."""
+        self.client_cn = cn
+        if self.sampled:
+            try:
+                self.client_subject = subject_dn(so.getpeercert(True))
+            except Exception:
+                self.owner.errors += 1
+
     def upstream_connected(self, server: str, now: float) -> None:
         self.upstream = server
         self.t_upstream = now
@@ -576,6 +591,7 @@ class ConnRecord:
             "time": _iso(self.t_close + offset),
             "worker": worker,
             "client": _peer(self.peer),
+            "client_cn": self.client_cn,
             "sni": self.sni,
             "alpn": self.alpn,
             "tls_version": self.version,
@@ -592,6 +608,15 @@ class ConnRecord:
             "reason": self.reason,
             "trace_id": trace_id,
         }
+
+
+def subject_dn(der: bytes | None) -> str | None:
+    """The subject of a DER certificate as an RFC 4514 string (``CN=alice,O=Example``)."""
+    if not der:
+        return None
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
 def _ms(seconds: float) -> float:
@@ -802,6 +827,10 @@ class SpanBuilder:
             attrs["tls.next_protocol"] = rec.alpn
         if rec.group:
             attrs["tls.curve"] = rec.group
+        if rec.client_subject:
+            attrs["tls.client.subject"] = rec.client_subject
+        if rec.client_cn:
+            attrs["edgeterm.tls.client.cn"] = rec.client_cn
         return attrs
 
 

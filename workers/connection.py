@@ -276,6 +276,8 @@ class Connection:
         if result.src is not None:  # PROXY; LOCAL and UNKNOWN keep the connection's own
             self.peer = result.src
             self.dst = result.dst
+            if self.trace is not None:  # the access log and spans name the client too
+                self.trace.client_address(result.src)
         if w.hs_per_client and self.peer is not None:
             ip = self.peer[0]
             started = w.hs_by_ip.get(ip, 0)
@@ -326,7 +328,9 @@ class Connection:
 
     def _client_certificate(self) -> None:
         """The verified client certificate's subject CN (a dict is built: only with
-        tls.client_auth). A certificate that did not verify failed the handshake."""
+        tls.client_auth), for the upstream's PROXY header and, when the connection is
+        recorded, its access log line and spans. A certificate that did not verify failed
+        the handshake."""
         try:
             cert = self.so.getpeercert()
         except (ValueError, _SSLError):
@@ -334,11 +338,14 @@ class Connection:
         if not cert:
             return
         self.client_cert = True
+        cn = None
         for rdn in cert.get("subject", ()):
             for key, value in rdn:
-                if key == "commonName":
-                    self.client_cn = value
-                    return
+                if key == "commonName" and cn is None:
+                    cn = value
+        self.client_cn = cn
+        if self.trace is not None:
+            self.trace.client_certificate(self.so, cn)
 
     def _pause_while_connecting(self) -> None:
         if self.state == S.CONNECTING:
@@ -767,9 +774,28 @@ class Connection:
         self._linger_start()
 
     def abort(self) -> None:
-        """Close at once (graceful timeout expired, immediate stop)."""
-        if self.state != S.CLOSED:
-            self._close(R_SHUTDOWN)
+        """Close at once (graceful timeout expired, immediate stop).
+
+        A connection past its handshake first gets one non-blocking close_notify, so that its
+        client sees a clean end of the TLS stream (and may resume its session) rather than a
+        bare FIN. Not when bytes for the client are still pending (the record being written
+        must complete first, and a close_notify would claim a clean end after a cut stream),
+        nor in CLOSING (ours, or a fatal alert, is already out). A full socket buffer or an
+        error means the client gets the FIN alone; nothing waits.
+        """
+        state = self.state
+        if state == S.CLOSED:
+            return
+        if (
+            state in (S.CONNECTING, S.PROXYING, S.HALF_CLOSED)
+            and self.u2c is None
+            and not self.u2c_shut
+        ):
+            try:
+                openssl.shutdown_once(self.so)
+            except (_SSLError, OSError):
+                pass  # WantWrite (buffer full), or the client is gone: close anyway
+        self._close(R_SHUTDOWN)
 
     def _close(self, reason: str | None) -> None:
         if self.state == S.CLOSED:

@@ -11,6 +11,9 @@ Rule: an unsampled connection costs one attribute test per lifecycle step and no
   closed without ``handshake_done`` failed its handshake, and the close reason says why
   (``handshake_failed`` = an alert or protocol error, ``handshake_timeout``, ``client_error``,
   ``shutdown``). Reasons are the ``R_*`` constants of ``workers.connection``.
+* ``client_address``: a PROXY header named the client (the TCP peer is the balancer); from
+  then on the record reports that address. ``client_certificate``: with ``tls.client_auth``,
+  the verified client certificate, right before ``handshake_done``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ class ConnTrace(Protocol):
     def handshake_failed(
         self, reason: str, now: float, exc: BaseException | None = None
     ) -> None: ...
+
+    def client_address(self, peer: tuple[str, int]) -> None:
+        """The client's address from a PROXY header (the connection's peer is the balancer)."""
+
+    def client_certificate(self, so: Any, cn: str | None) -> None:
+        """A verified client certificate: its subject CN (``so``: the _ssl object)."""
 
     def upstream_connected(self, server: str, now: float) -> None: ...
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from edgeterm import proxyproto as pp
 from tests.support.configs import deep_merge
 from tests.support.launcher import EdgetermFactory
 from tests.support.otlp import (
@@ -32,9 +33,10 @@ from tests.support.otlp import (
     Span,
     parse_prometheus,
 )
+from tests.support.routing import make_client_pki, tls_after_header
 from tests.support.supervision import Supervised, supervised_config, wait_status
-from tests.support.tlsclient import HOST, client_context, recv_exactly
-from tests.support.upstreams import EchoUpstream
+from tests.support.tlsclient import HOST, client_context, connect_tls, recv_exactly, recv_to_eof
+from tests.support.upstreams import BlackholePort, EchoUpstream, RefusingPort
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -60,13 +62,13 @@ def collector() -> Iterator[OtlpReceiver]:
 
 def start(
     factory: EdgetermFactory,
-    upstreams: list[str],
+    servers: list[str],
     *,
     workers: int = 1,
     telemetry: dict[str, Any] | None = None,
     **extra: Any,
 ) -> Supervised:
-    cfg, pidfile, admin = supervised_config(factory, upstreams, workers=workers)
+    cfg, pidfile, admin = supervised_config(factory, servers, workers=workers)
     settings = {"export_interval": EXPORT_INTERVAL, **(telemetry or {})}
     cfg = deep_merge(cfg, {"telemetry": settings, **extra})
     return Supervised(factory.start(cfg=cfg), cfg, pidfile, admin)
@@ -218,8 +220,21 @@ def test_one_span_per_connection_with_tls_facts_children_and_access_log(
     assert active.resource["service.name"] == "edge-test"
     collector.wait_metric("edgeterm.telemetry.spans", lambda p: p.value >= 12, outcome="exported")
     assert collector.latest("edgeterm.telemetry.spans", outcome="dropped").value == 0  # type: ignore[union-attr]
-    hist = collector.wait_metric("edgeterm.tls.handshake.duration", lambda p: True)
-    assert len(hist.bucket_counts) == len(hist.explicit_bounds) + 1
+    # the latency histograms: one handshake and one upstream connect per connection
+    for name in ("edgeterm.tls.handshake.duration", "edgeterm.upstream.connect.duration"):
+        hist = collector.wait_metric(name, lambda p: p.count == len(conns))
+        assert hist.kind == "histogram", name
+        assert len(hist.bucket_counts) == len(hist.explicit_bounds) + 1, name
+        assert sum(hist.bucket_counts) == hist.count, name
+        assert 0 < hist.sum < 10 * len(conns), name  # seconds: positive, not absurd
+    for reason in ("error", "timeout"):
+        failed = collector.latest("edgeterm.upstream.connect.failures", reason=reason)
+        assert failed is not None and failed.value == 0, reason
+    # telemetry.headers reach the collector with every export, spans and metrics alike
+    for signal_ in ("traces", "metrics"):
+        sent = collector.metadata(signal_)
+        assert sent, signal_
+        assert all(h.get("x-tenant") == "t1" for h in sent), (signal_, sent[-1])
 
 
 def test_sample_ratio_zero_sends_metrics_and_no_spans(
@@ -292,19 +307,30 @@ def test_failed_handshakes_have_spans_with_the_reason(
         assert children[0].attributes["error.type"] == kind
     assert "error.type" not in spans[ok.local_port].attributes
 
-    # the metric: the timeout is counted as such; the alert and the protocol error too once
-    # the data path classifies handshake errors (Stats.count_handshake_error), else as "error"
+    # the metric: each failure counted under its own kind (the data path classifies them:
+    # Stats.count_handshake_error), none left to "error"
     def failures() -> dict[str, float] | None:
         points = {
             r: collector.latest("edgeterm.tls.handshake.failures", reason=r)
             for r in ("timeout", "alert", "protocol_error", "eof", "unknown_sni", "error")
         }
         values = {r: p.value for r, p in points.items() if p is not None and p.value is not None}
-        return values if sum(values.values()) == 3 else None
+        return values if len(values) == 6 and sum(values.values()) == 3 else None
 
     counted = wait_until(failures, timeout=10, what="3 failed handshakes counted")
-    assert counted["timeout"] == 1 and counted["eof"] == counted["unknown_sni"] == 0
-    assert (counted["alert"], counted["protocol_error"], counted["error"]) in ((1, 1, 0), (0, 0, 2))
+    assert counted == {
+        "timeout": 1,
+        "alert": 1,
+        "protocol_error": 1,
+        "eof": 0,
+        "unknown_sni": 0,
+        "error": 0,
+    }
+    # only the handshake that completed is in the latency histogram, and only its connect
+    hist = collector.wait_metric("edgeterm.tls.handshake.duration", lambda p: p.count >= 1)
+    assert hist.count == 1
+    connect = collector.wait_metric("edgeterm.upstream.connect.duration", lambda p: p.count >= 1)
+    assert connect.count == 1
 
 
 def test_collector_down_then_up(
@@ -420,9 +446,17 @@ def test_prometheus_counters_match_connections_and_show_rotation(
     assert b.value(direction="upstream_to_client") == sum(c.received for c in conns)
     assert fams["edgeterm_workers"].value() == 2
     assert fams["edgeterm_tls_handshake_failures_total"].total() == 0
-    hist = fams["edgeterm_tls_handshake_duration_seconds"]
-    assert hist.type == "histogram"
-    assert hist.value("_count") in (0, n)  # n once the data path's latency hook is in
+    for name in (
+        "edgeterm_tls_handshake_duration_seconds",
+        "edgeterm_upstream_connect_duration_seconds",
+    ):
+        hist = fams[name]
+        assert hist.type == "histogram", name
+        assert hist.value("_count") == n, name  # one handshake, one upstream connect each
+        assert hist.value("_bucket", le="+Inf") == n, name
+        assert 0 < hist.value("_sum") < 10 * n, name
+    connect_failures = fams["edgeterm_upstream_connect_failures_total"]
+    assert connect_failures.value(reason="error") == connect_failures.value(reason="timeout") == 0
     rotations = fams["edgeterm_tickets_rotations_total"].value()
     age = fams["edgeterm_tickets_key_age_seconds"].value()
     assert age >= 0
@@ -490,3 +524,157 @@ def test_access_log_reopens_on_sigusr1(
     assert [e["client"] for e in old] == [f"{HOST}:{a.local_port}"]
     assert [e["client"] for e in new] == [f"{HOST}:{b.local_port}"]
     assert new[0]["trace_id"] is None  # no OTLP endpoint: not traced
+
+
+# --- the client's identity: PROXY header, client certificate ----------------------------------
+
+
+def access_lines(path: Path, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` access log lines, once they are written (the log flushes every second)."""
+
+    def ready() -> list[dict[str, Any]] | None:
+        text = path.read_text() if path.exists() else ""
+        found = [json.loads(line) for line in text.splitlines()]
+        return found if len(found) >= n else None
+
+    found = wait_until(ready, timeout=10, what=f"{n} access log lines")
+    assert len(found) == n, found
+    return found
+
+
+BALANCED_CLIENTS = {
+    "v1": (("203.0.113.7", 51001), ("198.51.100.1", 443)),
+    "v2": (("2001:db8::7", 52002), ("2001:db8::1", 8443)),
+}
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_client_address_from_a_proxy_header_in_spans_and_access_log(
+    edgeterm: EdgetermFactory,
+    echo: EchoUpstream,
+    collector: OtlpReceiver,
+    client_ctx: ssl.SSLContext,
+    version: str,
+) -> None:
+    """Behind an L4 balancer (``accept_proxy``) the client is the header's source address,
+    not the balancer's (the TCP peer, here 127.0.0.1)."""
+    log_file = edgeterm.directory / "access.log"
+    listener = {"name": "https", "bind": f"{HOST}:0", "upstream": "app", "backlog": 128}
+    sv = start(
+        edgeterm,
+        [echo.addr],
+        telemetry={
+            "otlp_endpoint": collector.endpoint,
+            "sample_ratio": 1.0,
+            "access_log": True,
+            "access_log_file": str(log_file),
+        },
+        listeners=[{**listener, "accept_proxy": version, "proxy_timeout": 2.0}],
+    )
+    src, dst = BALANCED_CLIENTS[version]
+    header = pp.encode_v1(src, dst) if version == "v1" else pp.encode_v2(src, dst)
+    payload = b"behind a balancer\n"
+    with tls_after_header(sv.port, client_ctx, header) as s:
+        balancer_port = s.getsockname()[1]
+        s.sendall(payload)
+        assert recv_exactly(s, len(payload), timeout=10) == payload
+        s.unwrap()
+
+    roots = collector.wait_roots(lambda rs: src[1] in by_port(rs), what="the span")
+    assert len(roots) == 1
+    a = roots[0].attributes
+    assert (a["client.address"], a["client.port"]) == src
+    assert a["edgeterm.close_reason"] == "done"
+    (line,) = access_lines(log_file, 1)
+    shown = f"[{src[0]}]:{src[1]}" if ":" in src[0] else f"{src[0]}:{src[1]}"
+    assert line["client"] == shown, line
+    assert line["client"] != f"{HOST}:{balancer_port}"
+    assert line["trace_id"] == roots[0].trace_id and line["reason"] == "done"
+
+
+def test_client_certificate_subject_in_spans_and_access_log(
+    edgeterm: EdgetermFactory,
+    echo: EchoUpstream,
+    collector: OtlpReceiver,
+    ca: Path,
+    tmp_path: Path,
+) -> None:
+    pki = make_client_pki(tmp_path / "client-pki")
+    log_file = edgeterm.directory / "access.log"
+    sv = start(
+        edgeterm,
+        [echo.addr],
+        telemetry={
+            "otlp_endpoint": collector.endpoint,
+            "sample_ratio": 1.0,
+            "access_log": True,
+            "access_log_file": str(log_file),
+        },
+        tls={"client_auth": "optional", "client_ca": str(pki.ca)},
+    )
+    with_cert = exchange(sv.port, pki.valid.context(ca, alpn=["http/1.1"]))
+    without = exchange(sv.port, client_context(ca, alpn=["http/1.1"]))
+
+    ports = {with_cert.local_port, without.local_port}
+    spans = by_port(collector.wait_roots(lambda rs: ports <= set(by_port(rs)), what="2 spans"))
+    alice = spans[with_cert.local_port]
+    assert alice.attributes["edgeterm.tls.client.cn"] == pki.valid.cn == "alice"
+    assert alice.attributes["tls.client.subject"] == "CN=alice"
+    (hs,) = [c for c in collector.children(alice) if c.name == "tls.handshake"]
+    assert hs.attributes["edgeterm.tls.client.cn"] == "alice"
+    anonymous = spans[without.local_port].attributes
+    assert "edgeterm.tls.client.cn" not in anonymous and "tls.client.subject" not in anonymous
+
+    by_client = {e["client"]: e for e in access_lines(log_file, 2)}
+    assert by_client[f"{HOST}:{with_cert.local_port}"]["client_cn"] == "alice"
+    assert by_client[f"{HOST}:{without.local_port}"]["client_cn"] is None
+
+
+# --- upstream connect failures ----------------------------------------------------------------
+
+
+def test_upstream_connect_failures_by_reason(
+    edgeterm: EdgetermFactory,
+    collector: OtlpReceiver,
+    refusing_port: RefusingPort,
+    blackhole_port: BlackholePort,
+    client_ctx: ssl.SSLContext,
+) -> None:
+    """Every connection tries both servers (passive health off, so neither is skipped): one
+    refusal (reason "error") and one timeout each, then closes as upstream_unavailable."""
+    sv = start(
+        edgeterm,
+        [refusing_port.addr, blackhole_port.addr],
+        telemetry={"otlp_endpoint": collector.endpoint, "sample_ratio": 1.0},
+        timeouts={"connect": 0.3},
+        upstreams={"app": {"passive": {"fail_threshold": 0}}},
+    )
+    n = 3
+    ports = []
+    for _ in range(n):
+        with connect_tls(sv.port, client_ctx) as s:
+            ports.append(s.getsockname()[1])
+            assert recv_to_eof(s, timeout=10) == b""  # close_notify after the last attempt
+
+    collector.wait_metric("edgeterm.upstream.unavailable", lambda p: p.value == n)
+    for reason in ("error", "timeout"):
+        collector.wait_metric(
+            "edgeterm.upstream.connect.failures", lambda p: p.value == n, reason=reason
+        )
+    collector.wait_metric(
+        "edgeterm.connections.closed", lambda p: p.value == n, reason="upstream_unavailable"
+    )
+    # handshakes completed, no upstream connect did
+    hs = collector.wait_metric("edgeterm.tls.handshake.duration", lambda p: p.count == n)
+    assert hs.count == n
+    connect = collector.latest("edgeterm.upstream.connect.duration")
+    assert connect is not None and connect.count == 0 and connect.sum == 0
+
+    spans = by_port(collector.wait_roots(lambda rs: set(ports) <= set(by_port(rs)), what="spans"))
+    for port in ports:
+        root = spans[port]
+        assert root.status_code == STATUS_ERROR
+        assert root.attributes["edgeterm.close_reason"] == "upstream_unavailable"
+        (up,) = [c for c in collector.children(root) if c.name == "upstream.connect"]
+        assert up.status_code == STATUS_ERROR
+        assert up.attributes["error.type"] == "upstream_unavailable"

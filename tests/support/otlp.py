@@ -1,7 +1,8 @@
 """Telemetry receivers for the tests: a real OTLP collector and a strict Prometheus parser.
 
 - ``OtlpReceiver``: an OTLP/gRPC server (TraceService and MetricsService from
-  ``opentelemetry-proto``, served by ``grpcio``) in this process, keeping every request.
+  ``opentelemetry-proto``, served by ``grpcio``) in this process, keeping every request and
+  the metadata (headers) each came with (``metadata()``).
   ``stop()`` then ``start()`` again on the same port plays "collector down, then back".
 - ``OtlpHttpReceiver``: the same for OTLP/HTTP with protobuf bodies (``/v1/traces``,
   ``/v1/metrics``), on ``http.server``.
@@ -93,6 +94,13 @@ class _Store:
         self.metrics: list[MetricPoint] = []
         self.trace_requests = 0
         self.metric_requests = 0
+        # (signal, headers) of every request: gRPC metadata / HTTP headers, names lowercased
+        self.request_metadata: list[tuple[str, dict[str, str]]] = []
+
+    def add_metadata(self, signal: str, pairs: Iterable[tuple[str, Any]]) -> None:
+        headers = {str(k).lower(): v if isinstance(v, str) else repr(v) for k, v in pairs}
+        with self.lock:
+            self.request_metadata.append((signal, headers))
 
     def add_traces(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         if not self.keep:
@@ -207,6 +215,11 @@ class _Receiver:
         assert result is not None
         return result
 
+    def metadata(self, signal: str | None = None) -> list[dict[str, str]]:
+        """The headers of every request received (of ``signal``: "traces" or "metrics")."""
+        with self.store.lock:
+            return [h for s, h in self.store.request_metadata if signal in (None, s)]
+
     def metric_points(self, name: str) -> list[MetricPoint]:
         with self.store.lock:
             return [m for m in self.store.metrics if m.name == name]
@@ -249,6 +262,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         self.store = store
 
     def Export(self, request: Any, context: Any) -> Any:
+        self.store.add_metadata("traces", context.invocation_metadata())
         self.store.add_traces(request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -258,6 +272,7 @@ class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
         self.store = store
 
     def Export(self, request: Any, context: Any) -> Any:
+        self.store.add_metadata("metrics", context.invocation_metadata())
         self.store.add_metrics(request)
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
@@ -321,6 +336,8 @@ class OtlpHttpReceiver(_Receiver):
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                signal = self.path.rpartition("/")[2]
+                store.add_metadata(signal, self.headers.items())
                 if self.path == "/v1/traces":
                     req = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
                     store.add_traces(req)

@@ -314,6 +314,95 @@ def test_failure_kind_follows_the_close_reason() -> None:
         assert (r.failure, r.failure_detail) == (kind, reason)
 
 
+def _client_der(cn: str, org: str) -> bytes:
+    """A self-signed client certificate (DER) with subject O=org, CN=cn."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+class FakeClientCert(FakeSSL):
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+        self.asked = 0
+
+    def getpeercert(self, binary_form: bool = False) -> bytes:
+        assert binary_form
+        self.asked += 1
+        return self.der
+
+
+def test_proxy_header_address_and_client_certificate_reach_the_access_log(
+    tmp_path: Path,
+) -> None:
+    log = AccessLog(tmp_path / "a.log")
+    rec = Recorder(0, log)
+    r = rec.begin(("127.0.0.1", 40000), 1.0)  # the balancer
+    assert r is not None and not r.sampled
+    r.client_address(("2001:db8::7", 52000))  # what its PROXY header said
+    so = FakeClientCert(_client_der("alice", "Example"))
+    r.client_certificate(so, "alice")
+    r.handshake_done(so, 1.01)
+    r.closed("done", 1, 1, 1.5)
+    log.close()
+    entry = json.loads((tmp_path / "a.log").read_text())
+    assert entry["client"] == "[2001:db8::7]:52000"
+    assert entry["client_cn"] == "alice"
+    assert so.asked == 0  # unsampled: the subject DN is not decoded
+
+
+def test_client_certificate_subject_in_spans() -> None:
+    builder, exporter, _ = _builder()
+    r = ConnRecord(Recorder(0, None), ("127.0.0.1", 40000), 10.0, True)
+    r.client_address(("203.0.113.7", 51000))
+    r.client_certificate(FakeClientCert(_client_der("alice", "Example, Inc.")), "alice")
+    r.handshake_done(FakeSSL(), 10.001)
+    r.upstream_connected("127.0.0.1:8080", 10.002)
+    r.reason, r.t_close = "done", 11.0
+    builder.record(r)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    for name in ("edgeterm.connection", "tls.handshake"):
+        a = spans[name].attributes
+        assert a is not None
+        assert a["tls.client.subject"] == "CN=alice,O=Example\\, Inc.", name  # RFC 4514
+        assert a["edgeterm.tls.client.cn"] == "alice", name
+    root = spans["edgeterm.connection"].attributes
+    assert root is not None
+    assert (root["client.address"], root["client.port"]) == ("203.0.113.7", 51000)
+    # no certificate, no attributes
+    builder, exporter, _ = _builder()
+    r = ConnRecord(Recorder(0, None), None, 10.0, True)
+    r.handshake_done(FakeSSL(), 10.001)
+    r.reason, r.t_close = "done", 11.0
+    builder.record(r)
+    for span in exporter.get_finished_spans():
+        assert "tls.client.subject" not in (span.attributes or {})
+        assert "edgeterm.tls.client.cn" not in (span.attributes or {})
+
+
 # --- spans ------------------------------------------------------------------------------------
 
 
