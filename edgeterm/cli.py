@@ -8,6 +8,7 @@ Exit codes (a contract; docs/cli.md):
   4  edgeterm cannot start here (port in use, unreadable file, OpenSSL layout check failed)
   5  a worker could not boot: the server stopped instead of crash-looping
   6  edgeterm is already running (start)
+  7  edgeterm runs but is not ready (status --ready): a worker is starting, stopped or gone
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,6 +34,7 @@ EXIT_NOT_RUNNING = 3
 EXIT_STARTUP = 4
 EXIT_BOOT = 5
 EXIT_ALREADY_RUNNING = 6
+EXIT_NOT_READY = 7
 
 DEFAULT_CONFIG = "etc/edgeterm.toml"
 
@@ -136,6 +139,7 @@ def check_config(config_file: str) -> None:
     from edgeterm.config_loader import load_config
     from edgeterm.tls import build_contexts
     from edgeterm.workers.route import check_routes
+    from edgeterm.workers.upstream import max_conns_warnings
 
     try:
         config = load_config(config_file)
@@ -149,7 +153,8 @@ def check_config(config_file: str) -> None:
         _fail(exc.errors, EXIT_CONFIG)
     except StartupError as exc:
         _fail([f"edgeterm: {exc}"], EXIT_STARTUP)
-    for warning in (*contexts.warnings, *route_warnings):
+    share_warnings = max_conns_warnings(config, config.server.worker_count(), config_file)
+    for warning in (*contexts.warnings, *route_warnings, *share_warnings):
         click.echo(f"warning: {warning}", err=True)
     click.echo("ok")
 
@@ -162,9 +167,12 @@ def check_config(config_file: str) -> None:
 def start(config_file: str, foreground: bool) -> None:
     """Start edgeterm; without --foreground, return once every worker accepts connections."""
     from edgeterm.supervisor import launch
+    from edgeterm.workers.upstream import max_conns_warnings
 
     config_file = os.path.abspath(config_file)
     config = _load(config_file)
+    for warning in max_conns_warnings(config, config.server.worker_count(), config_file):
+        click.echo(f"warning: {warning}", err=True)  # docs/routing.md, "Caps"
     try:
         if foreground:
             sys.exit(launch.run_foreground(config, config_file))
@@ -202,6 +210,26 @@ def stop(config_file: str, timeout: float | None, immediate: bool) -> None:
     _fail([f"edgeterm (pid {pid}) is still running after {wait:.1f}s"], EXIT_FAILURE)
 
 
+def reload_outcome(before: dict[str, Any], reloads: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished reload that answers a SIGHUP sent after ``before`` was read, or None yet.
+
+    ``reloads.requested`` counts the supervisor's reload requests and ``reloads.last.seq`` is
+    the request number the last finished reload began at. A reload that began at a number
+    above ``before.requested`` began after ``before`` was read, so after the files were
+    written: its outcome is ours (a later one, if it already ended, read them too). Requests
+    during a reload are queued, never dropped, so one such reload always comes.
+    """
+    last = reloads.get("last") or {}
+    requested = before.get("requested")
+    if isinstance(requested, int):
+        seq = last.get("seq")
+        return last if isinstance(seq, int) and seq > requested else None
+    # a supervisor that does not number reloads (started before an upgrade)
+    if reloads["ok"] + reloads["failed"] > before["ok"] + before["failed"]:
+        return None if reloads["in_progress"] else last
+    return None
+
+
 @main.command()
 @config_option
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")
@@ -210,55 +238,103 @@ def reload(config_file: str, timeout: float) -> None:
     config = _load(config_file)
     pid = _running_pid(config)
     before = _status(config)["reloads"]
-    seen = before["ok"] + before["failed"]
     os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.05)  # polling the admin socket; bounded by the deadline
         status = _status(config)
-        reloads = status["reloads"]
-        if reloads["ok"] + reloads["failed"] > seen and not reloads["in_progress"]:
-            last = reloads["last"] or {}
-            if last.get("ok"):
-                click.echo(f"reloaded: generation {status['generation']} serving")
-                return
-            _fail(
-                [f"reload failed: {last.get('error')}", "still serving the previous config"],
-                EXIT_FAILURE,
-            )
+        last = reload_outcome(before, status["reloads"])
+        if last is None:
+            continue
+        if last.get("ok"):
+            generation = last.get("generation", status["generation"])
+            click.echo(f"reloaded: generation {generation} serving")
+            return
+        _fail(
+            [f"reload failed: {last.get('error')}", "still serving the previous config"],
+            EXIT_FAILURE,
+        )
     _fail([f"reload did not finish within {timeout:.0f}s"], EXIT_FAILURE)
 
 
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-def status(config_file: str, as_json: bool) -> None:
-    """Show the supervisor and its workers (exit 3 when not running)."""
+@click.option(
+    "--ready",
+    is_flag=True,
+    help="Exit 0 only if every worker of the serving generation is ready, else 7 with the reason.",
+)
+def status(config_file: str, as_json: bool, ready: bool) -> None:
+    """Show the supervisor and its workers (exit 3 when not running; with --ready, 7 when not
+    ready)."""
+    from edgeterm import status as view
+
     config = _load(config_file)
     st = _status(config)
     if as_json:
         click.echo(json.dumps(st, indent=2))
-        return
-    rl = st["reloads"]
-    click.echo(
-        f"edgeterm pid {st['pid']}, up {st['uptime']:.0f}s, generation {st['generation']}, "
-        f"config {st['config']}"
-    )
-    click.echo(f"reloads: {rl['ok']} ok, {rl['failed']} failed; worker restarts: {st['restarts']}")
-    click.echo(
-        f"{'slot':>4} {'pid':>8} {'cpu':>4} {'gen':>4} {'state':>9} {'active':>7} "
-        f"{'handshakes':>11}"
-    )
-    for w in st["workers"]:
-        state = "draining" if w["draining"] else ("ready" if w["ready"] else "starting")
-        cpu = "-" if w["cpu"] is None else w["cpu"]
-        click.echo(
-            f"{w['slot']:>4} {w['pid']:>8} {cpu:>4} {w['generation']:>4} {state:>9} "
-            f"{w['active']:>7} {w['handshakes']:>11}"
+    if ready:
+        reasons = view.not_ready(
+            st,
+            expected_workers=_expected_workers(config, config_file, st),
+            process_problem=_process_checker(st),
         )
-    for pool, servers in st.get("upstreams", {}).items():  # active health checks
-        for key, server in servers.items():
-            click.echo(f"upstream {pool} {key}: {'up' if server['up'] else 'DOWN'}")
+        if reasons:
+            _fail([f"not ready: {reason}" for reason in reasons], EXIT_NOT_READY)
+        if not as_json:
+            serving = [w for w in st["workers"] if w["generation"] == st["generation"]]
+            click.echo(f"ready: generation {st['generation']}, {len(serving)} workers")
+        return
+    if not as_json:
+        for line in view.render_text(st):
+            click.echo(line)
+
+
+def _expected_workers(config: Config, config_file: str, st: dict[str, Any]) -> int | None:
+    """How many workers the serving generation has, when this CLI can know it: the config it
+    read is the supervisor's file, unchanged since the serving generation loaded it. "auto"
+    counts the supervisor's CPUs, as the supervisor did."""
+    try:
+        same = Path(config_file).resolve() == Path(st["config"]).resolve()
+        if not same or os.stat(config_file).st_mtime > float(st["loaded_at"]):
+            return None
+        if config.server.workers == "auto":
+            return max(1, len(os.sched_getaffinity(int(st["pid"]))))
+        return config.server.workers
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _process_checker(st: dict[str, Any]) -> Callable[[int], str | None] | None:
+    """``pid -> problem or None`` for the workers, from the process table; None when this CLI
+    does not see the supervisor's processes (another pid namespace)."""
+    import psutil
+
+    try:
+        children = {c.pid: c for c in psutil.Process(int(st["pid"])).children()}
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return None
+    if not any(w["pid"] in children for w in st["workers"]):
+        return None  # not the supervisor's pid namespace: its pid here is another process
+
+    def problem(pid: int) -> str | None:
+        proc = children.get(pid)
+        if proc is None:
+            return "has exited"
+        try:
+            state = proc.status()
+        except psutil.NoSuchProcess:
+            return "has exited"
+        except psutil.Error:
+            return None
+        if state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+            return "is stopped (SIGSTOP or a debugger): it accepts nothing"
+        if state in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return "has exited"
+        return None
+
+    return problem
 
 
 @main.command()
