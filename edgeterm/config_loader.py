@@ -241,6 +241,8 @@ def _number(
         if positive and number <= 0:
             raise _Invalid(f"must be > 0, got {_describe(value)}")
         if (lo is not None and number < lo) or (hi is not None and number > hi):
+            if hi is None:
+                raise _Invalid(f"must be at least {lo:g}, got {_describe(value)}")
             raise _Invalid(f"must be between {lo} and {hi}, got {_describe(value)}")
         return number
 
@@ -494,7 +496,12 @@ def _read_server(t: _Table, base: Path) -> ServerConfig:
         log_file=t.get("log_file", _optional_path(base), d.log_file),
         user=t.get("user", _system_user, d.user),
         group=t.get("group", _system_group, d.group),
-        heartbeat_timeout=t.get("heartbeat_timeout", _number(positive=True), d.heartbeat_timeout),
+        heartbeat_timeout=t.get(
+            # heartbeats go every second both ways: a shorter timeout would fire falsely
+            "heartbeat_timeout",
+            _number(lo=2.0),
+            d.heartbeat_timeout,
+        ),
     )
     t.close()
     return server

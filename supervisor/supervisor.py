@@ -2,22 +2,33 @@
 
 Duties (ARCHITECTURE §2):
 
-* Bind one SO_REUSEPORT socket per worker slot per listener, before forking, and never close
-  one while a worker might be using it. Worker i gets socket i of every listener. A replacement
-  or a new-generation worker takes the same sockets, so no accept queue is ever dropped. When
-  a reload lowers the worker count, the extra sockets are shared out among the workers rather
-  than closed; sockets of a removed listener close once no worker uses them.
+* Bind one SO_REUSEPORT socket per worker slot per listener, before forking, and hold a copy
+  of each for as long as a worker may be started on it. Worker i gets socket i of every
+  listener. A replacement or a new-generation worker takes the same sockets, so no accept queue
+  is ever dropped. When a reload lowers the worker count, the extra sockets are shared out among
+  the workers rather than closed.
+* Let go of a socket as soon as no worker will ever be started on it again: on a final stop
+  (all of them) and for a listener a reload removed (its sockets), right after telling the
+  workers that hold them to drain. Those workers accept until EAGAIN once more and close their
+  copies; the last close ends the socket, so new clients are refused at once instead of
+  waiting in an accept queue nobody reads (ARCHITECTURE §9, pitfall 2). The supervisor's copy
+  is never the last one while a worker still holds the socket, so the socket ends right after
+  that worker's last accept, not before it.
 * Signals only enqueue; the loop dispatches: SIGTERM/SIGINT graceful stop (a second one:
   immediate), SIGQUIT immediate stop, SIGHUP reload, SIGUSR1 reopen logs, SIGCHLD reap.
 * Control channel per worker (``edgeterm.control``): a heartbeat every second, answered by the
   worker's counters; a worker silent for ``server.heartbeat_timeout`` gets SIGTERM, then SIGKILL.
+  The other way round, a worker that hears nothing for that long drains and exits.
 * A worker that dies after it was ready is replaced on the same slot (CPU and sockets), at once
   the first time and with back-off if the slot keeps dying. A worker that dies *before* it was
   ready cannot boot: the server halts with ``EXIT_BOOT`` rather than crash-looping (during a
   reload, the reload fails instead and the serving generation stays).
 * Reload, two-phase: load and check the new config, certificates and contexts, and bind any new
   listener, all in the supervisor; on failure log why and change nothing. Then start generation
-  g+1 on the same sockets; once all its workers are ready, tell generation g to drain.
+  g+1 on the same sockets; once all its workers are ready, tell generation g to drain. A SIGHUP
+  during a reload is not lost: one follow-up reload (however many SIGHUPs came) starts when the
+  current one ends. Requests and reloads are numbered so ``edgeterm reload`` can wait for a
+  reload that began after its own signal.
 """
 
 from __future__ import annotations
@@ -81,6 +92,7 @@ class WorkerProc:
     drain_deadline: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
     boot_error: str | None = None
+    tickets: bool = False  # holds the ticket key ring (its generation has tickets on)
 
 
 @dataclass(eq=False)
@@ -120,15 +132,22 @@ class Supervisor:
         self.restarts = 0
         self.reloads_ok = 0
         self.reloads_failed = 0
+        # reload requests (SIGHUPs) received, and the request number the most recent reload
+        # started at: a reload started at number n has read the files as they were after
+        # request n arrived (status: reloads.requested / reloads.started / reloads.last.seq)
+        self.reload_requests = 0
+        self.reload_started = 0
+        self._reload_queued = False
         self.last_reload: dict[str, Any] | None = None
         self.pending: Generation | None = None
         self.pending_deadline = 0.0
-        self.retiring: list[tuple[int, list[socket.socket]]] = []
+        self.listeners_released = False
         self._signals: SignalQueue | None = None
         self._admin: socket.socket | None = None
         self._admin_conns: dict[int, tuple[socket.socket, bytearray]] = {}
         self.tickets: TicketKeys | None = None
         self._rotation_due = False
+        self._rotation_deferred = False  # "deferred" is logged once per episode
         for warning in check_routes(config, contexts, config_file):  # strict_sni: an error
             log.warning("%s", warning)
         if config.tls.tickets.enabled:
@@ -216,10 +235,22 @@ class Supervisor:
                 for _lcfg, socks in gen.groups.values():
                     for s in socks:
                         seen[id(s)] = s
-        for _g, socks in self.retiring:
-            for s in socks:
-                seen[id(s)] = s
         return list(seen.values())
+
+    def _release_listeners(self) -> None:
+        """Final stop: close our copy of every listening socket, right after the workers were
+        told to drain (or to stop). Each socket lives on in the workers that hold it until
+        their last accept; one that no worker holds (its slot waiting for a restart) ends now,
+        which refuses its clients rather than leave them queued until we exit."""
+        if self.listeners_released:
+            return
+        self.listeners_released = True
+        for s in self._all_sockets():
+            s.close()
+        log.info(
+            "listening sockets released: new connections are refused once the workers have "
+            "taken what was queued"
+        )
 
     # -- workers -------------------------------------------------------------------------
     def _spawn(self, gen: Generation, slot: Slot) -> None:
@@ -232,6 +263,9 @@ class Supervisor:
             try:
                 ours.close()
                 self._close_inherited(keep)
+                tickets_on = gen.config.tls.tickets.enabled
+                if self.tickets is not None and not tickets_on:
+                    self.tickets.close()  # our copy of the ring, inherited at fork: unused here
                 code = worker_main.serve(
                     gen.config,
                     gen.contexts,
@@ -240,7 +274,7 @@ class Supervisor:
                     slot=slot.index,
                     cpu=slot.cpu,
                     generation=gen.number,
-                    ticket_seed=self._ticket_seed(),
+                    ticket_seed=self._ticket_seed() if tickets_on else None,
                     worker_count=len(gen.slots),
                     upstream_state=self.health.snapshot(),
                 )
@@ -257,7 +291,8 @@ class Supervisor:
         wp = WorkerProc(pid, slot, gen.number, ours, now)
         self.workers[pid] = wp
         self.heartbeats.seen(pid, now)
-        if self.tickets is not None:
+        if self.tickets is not None and gen.config.tls.tickets.enabled:
+            wp.tickets = True
             self.tickets.ring.ack(pid, self.tickets.ring.seq)  # inherited at fork
         self.loop.add(ours.fileno(), select.EPOLLIN, self._control_handler(wp))
         log.info(
@@ -351,7 +386,7 @@ class Supervisor:
                 self.on_ready(None)
             self.notifier.ready(self._serving_status())
         pending = self.pending
-        if pending is not None and self._generation_ready(pending):
+        if pending is not None and not self.stopping and self._generation_ready(pending):
             self._promote(pending)
 
     def _serving_status(self) -> str:
@@ -388,7 +423,6 @@ class Supervisor:
 
     def _on_exit(self, wp: WorkerProc, code: int) -> None:
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
-        self._close_retired()
         if self.stopping:
             log.info("worker %d pid=%d stopped (%s)", wp.slot.index, wp.pid, how)
             if not self.workers:
@@ -467,7 +501,7 @@ class Supervisor:
         for pid in kill:
             log.warning("worker pid=%d still there: SIGKILL", pid)
             _kill(pid, signal.SIGKILL)
-        if self.pending is not None and now > self.pending_deadline:
+        if self.pending is not None and not self.stopping and now > self.pending_deadline:
             self._abort_reload(
                 f"the new generation was not ready within {RELOAD_READY_TIMEOUT:.0f}s"
             )
@@ -483,13 +517,43 @@ class Supervisor:
 
     # -- reload ------------------------------------------------------------------------
     def reload(self) -> None:
+        """A reload request (SIGHUP): start one now, or once the one in progress has ended.
+
+        Requests that arrive during a reload are coalesced into one follow-up reload: it reads
+        the files as they are when it starts, which is after every one of those requests."""
+        self.reload_requests += 1
         if self.stopping:
+            log.warning("reload requested while stopping: ignored")
+            self.last_reload = {
+                "ok": False,
+                "error": "edgeterm is stopping",
+                "at": time.time(),
+                "seq": self.reload_requests,
+            }
             return
         if self.pending is not None:
-            log.warning(
-                "reload requested while generation %d is starting: ignored", self.pending.number
-            )
+            if not self._reload_queued:
+                log.info(
+                    "reload requested while generation %d is starting: "
+                    "another reload follows once this one has ended",
+                    self.pending.number,
+                )
+            self._reload_queued = True
             return
+        self._start_reload()
+
+    def _reload_ended(self) -> None:
+        """The reload in progress succeeded or failed: start the queued one, if any."""
+        if self._reload_queued and not self.stopping:
+            self._reload_queued = False
+            # after this round, not from inside the handler that ended the last reload
+            self.loop.call_soon(self._start_reload)
+
+    def _start_reload(self) -> None:
+        if self.stopping or self.pending is not None:
+            return
+        self._reload_queued = False
+        self.reload_started = self.reload_requests
         log.info("reloading %s", self.config_file)
         if self.announced:
             self.notifier.reloading(f"reloading {self.config_file}")
@@ -508,6 +572,7 @@ class Supervisor:
             if fresh is not None:
                 fresh.close()
             self._reload_failed(str(exc))
+            self._reload_ended()
             return
         for warning in (*contexts.warnings, *route_warnings):
             log.warning("%s", warning)
@@ -545,6 +610,8 @@ class Supervisor:
         cfg = config.tls.tickets
         tickets = self.tickets
         if not cfg.enabled:
+            # Tickets turned off: the ring goes once the new generation serves (``_promote``);
+            # until then the serving generation may still need it (a respawn, a failed reload).
             return
         now = self.loop.now
         if tickets is None or (tickets.ring.from_files and not cfg.key_files):
@@ -564,11 +631,22 @@ class Supervisor:
         tickets = self.tickets
         if tickets is None or tickets.ring.from_files:
             return
-        if tickets.rotate(self.loop.now, list(self.workers)):
+        holders = [pid for pid, wp in self.workers.items() if wp.tickets]
+        if tickets.rotate(self.loop.now, holders):
+            if self._rotation_deferred:
+                log.info("ticket key rotation no longer deferred: every worker has the ring")
+                self._rotation_deferred = False
             log.info("ticket keys rotated (rotation %d)", tickets.ring.rotations)
             self._broadcast_tickets()
         else:
-            log.warning("ticket key rotation deferred: a worker has not acknowledged the ring")
+            if not self._rotation_deferred:  # once per episode; retried every second
+                late = [pid for pid in holders if not tickets.ring.all_acked([pid])]
+                log.warning(
+                    "ticket key rotation deferred: worker pid(s) %s have not acknowledged the "
+                    "ring; retrying every second",
+                    ", ".join(map(str, late)) or "?",
+                )
+                self._rotation_deferred = True
             self._rotation_due = True
 
     def _broadcast_tickets(self) -> None:
@@ -576,10 +654,25 @@ class Supervisor:
         if tickets is None:
             return
         for wp in self.workers.values():
+            if not wp.tickets:
+                continue
             try:
                 tickets.send(wp.ctl)
             except OSError:
                 pass
+
+    def _drop_ticket_keys(self) -> None:
+        """Tickets are off in the serving generation: zero the ring and let go of it (the
+        locked buffer is unmapped with its last reference). Draining workers keep their own
+        copies until they exit; new workers get none."""
+        tickets = self.tickets
+        if tickets is None:
+            return
+        self.tickets = None
+        self._rotation_due = False
+        self._rotation_deferred = False
+        tickets.close()  # zeroes every slot
+        log.info("ticket keys wiped and released: tickets are off")
 
     def _rotation_timer(self) -> None:
         tickets = self.tickets
@@ -594,7 +687,12 @@ class Supervisor:
 
     def _reload_failed(self, why: str) -> None:
         self.reloads_failed += 1
-        self.last_reload = {"ok": False, "error": why, "at": time.time()}
+        self.last_reload = {
+            "ok": False,
+            "error": why,
+            "at": time.time(),
+            "seq": self.reload_started,
+        }
         for line in why.splitlines():
             log.error("reload failed, still serving generation %d: %s", self.serving.number, line)
         if self.announced:
@@ -608,6 +706,7 @@ class Supervisor:
         self._retire(pending, keep=self.serving)
         self.health.configure(self.serving.config)
         self._reload_failed(why)
+        self._reload_ended()
 
     def _promote(self, gen: Generation) -> None:
         old = self.serving
@@ -615,16 +714,30 @@ class Supervisor:
         self.pending = None
         self.heartbeats.timeout = gen.config.server.heartbeat_timeout
         self._retire(old, keep=gen)
+        if not gen.config.tls.tickets.enabled:
+            self._drop_ticket_keys()
         self.reloads_ok += 1
-        self.last_reload = {"ok": True, "generation": gen.number, "at": time.time()}
+        self.last_reload = {
+            "ok": True,
+            "generation": gen.number,
+            "at": time.time(),
+            "seq": self.reload_started,
+        }
         log.info(
             "reload done: generation %d serving, generation %d draining", gen.number, old.number
         )
         if self.announced:
             self.notifier.ready(self._serving_status())
+        self._reload_ended()
 
     def _retire(self, gen: Generation, keep: Generation) -> None:
-        """Drain ``gen``'s workers; close its sockets that ``keep`` does not use, once idle."""
+        """Drain ``gen``'s workers; let go of its sockets that ``keep`` does not use.
+
+        Those sockets (a listener the reload removed or moved) are closed here, right after
+        the DRAIN: ``gen``'s workers still hold them, take what is queued once more and close
+        their copies, and the last close refuses new clients. No worker is ever started on
+        them again, and keeping them open would queue clients for nobody until the drain ends.
+        """
         grace = gen.config.server.graceful_timeout + 5.0
         for wp in self.workers.values():
             if wp.generation == gen.number and not wp.draining:
@@ -633,19 +746,14 @@ class Supervisor:
                 self._send(wp, control.encode(control.MsgType.DRAIN))
         kept = {id(s) for _l, socks in keep.groups.values() for s in socks}
         dropped = [s for _l, socks in gen.groups.values() for s in socks if id(s) not in kept]
+        for s in dropped:
+            s.close()
         if dropped:
-            self.retiring.append((gen.number, dropped))
-        self._close_retired()
-
-    def _close_retired(self) -> None:
-        still: list[tuple[int, list[socket.socket]]] = []
-        for number, socks in self.retiring:
-            if any(wp.generation <= number for wp in self.workers.values()):
-                still.append((number, socks))
-            else:
-                for s in socks:
-                    s.close()
-        self.retiring = still
+            log.info(
+                "generation %d: %d listening socket(s) no longer used, released",
+                gen.number,
+                len(dropped),
+            )
 
     # -- stop ------------------------------------------------------------------------------
     def stop(self, graceful: bool) -> None:
@@ -662,6 +770,8 @@ class Supervisor:
             frame = control.encode(control.MsgType.STOP)
         for wp in self.workers.values():
             self._send(wp, frame)
+        # The workers now hold the only copies: each socket ends with its worker's last accept.
+        self._release_listeners()
         if not self.workers:
             self.loop.stop()
 
@@ -776,6 +886,9 @@ class Supervisor:
                     "resumed": st.get("resumed", 0),
                     "closed_by": st.get("closed_by", {}),
                     "upstream_connect_errors": st.get("upstream_connect_errors", 0),
+                    "upstream_connect_timeouts": st.get("upstream_connect_timeouts", 0),
+                    # clients closed with no server left: upstream_unavailable + upstream_full
+                    "upstream_unavailable": st.get("upstream_unavailable", 0),
                     "accept_errors": st.get("accept_errors", 0),
                 }
             )
@@ -790,6 +903,8 @@ class Supervisor:
                 "failed": self.reloads_failed,
                 "last": self.last_reload,
                 "in_progress": self.pending is not None,
+                "requested": self.reload_requests,  # SIGHUPs received (edgeterm reload)
+                "started": self.reload_started,  # the request number the last reload began at
             },
             "restarts": self.restarts,
             "upstreams": self.health.status(),

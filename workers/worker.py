@@ -1,16 +1,27 @@
 """A worker: one epoll loop serving the listening sockets it was handed.
 
-The worker never binds or closes a listening socket: whoever created it (the supervisor, or
-the foreground runner) owns it. That is what lets a replacement worker or a new generation
-take over the same sockets without dropping their accept queues (ARCHITECTURE §2).
+The worker never binds a listening socket: the supervisor does, and holds a copy of each for
+as long as a worker may need it. That is what lets a replacement worker or a new generation
+take over the same sockets without dropping their accept queues (ARCHITECTURE §2). The worker
+closes only its own copies (descriptors inherited at fork), when it drains: see below.
 
 Accepting: in batches of ``ACCEPT_BATCH`` per readiness event; at ``limits.max_connections``
 the listeners are taken out of the loop (clients wait in the kernel's accept queue, they are
 not refused) and put back when a connection closes; on EMFILE/ENFILE/ENOBUFS/ENOMEM the
 worker stops accepting for a back-off that doubles up to one second and resets on success.
 
-Draining: accept what is queued once more, stop watching the listeners, let connections
-finish; at the graceful deadline the rest are closed and the loop stops.
+Draining: accept what is queued once more (until EAGAIN), then close our copies of the
+listening sockets at once, let connections finish; at the graceful deadline the rest are
+closed and the loop stops. Closing our copies is what makes a stopping server refuse new
+clients instead of leaving them in an accept queue nobody reads (ARCHITECTURE §9, pitfall 2):
+a socket ends with its last descriptor, and on a final stop the supervisor has already let go
+of its own, so the last holder is a worker and the socket goes away right after that worker's
+last ``accept``. On a reload the new generation and the supervisor still hold the sockets that
+continue, so closing ours takes nothing away from them (docs/operations.md, "Stopping").
+
+Heartbeats: any message from the supervisor counts as one (it sends one every second). With
+none for ``server.heartbeat_timeout`` (a stopped or hung supervisor; a dead one closes the
+channel, which drains at once) the worker drains and exits.
 """
 
 from __future__ import annotations
@@ -117,6 +128,7 @@ class Worker:
         self.draining = False
         self._control = control_sock
         self._decoder = control.Decoder()
+        self.heartbeat_timeout = config.server.heartbeat_timeout
         self.last_heartbeat = 0.0
         self.tickets = ticket_callback
         self.observer = observer
@@ -173,6 +185,8 @@ class Worker:
                         stats.accept_errors += 1
                         self._accept_backoff()
                         return taken
+                    if exc.errno == errno.EBADF:
+                        return taken  # drain() closed it earlier in this round: a stale event
                     continue  # ECONNABORTED, EPROTO...: that client is gone, the next is not
                 self._backoff = 0.0
                 if screen is not None and not screen(addr[0]):
@@ -299,6 +313,7 @@ class Worker:
             self.loop.remove(self._control.fileno())
             self.drain()
             return
+        self.last_heartbeat = self.loop.now  # any message shows the supervisor is alive
         try:
             messages = self._decoder.feed(data)
             tickets.wipe_bytes(data)
@@ -322,12 +337,12 @@ class Worker:
             self._on_upstream_state(msg)
         elif msg.type in (t.HEARTBEAT, t.STATS_REQUEST):
             # The answer to a heartbeat is our counters: the supervisor's status stays fresh.
-            self.last_heartbeat = self.loop.now
             self.send_control(control.encode_json(t.STATS, self.status()))
 
     def _install_ticket_keys(self, payload: bytes) -> None:
         cb = self.tickets
         if cb is None:
+            tickets.wipe_bytes(payload)  # tickets are off here: hold no copy of the keys
             return
         try:
             seq, count = tickets.install_ring(cb.store, payload)
@@ -346,7 +361,16 @@ class Worker:
         try:
             body = msg.json()
             pool = body["pool"]
-            changes = {str(key): bool(up) for key, up in body["servers"]}
+            changes: dict[str, bool] = {}
+            for entry in body["servers"]:
+                # exactly [key, up] with a string key and a JSON boolean: anything else is a
+                # bug on the other side, and must not take a server down by coercion
+                if not isinstance(entry, list) or len(entry) != 2:
+                    raise ValueError(f"entry {entry!r} is not [server, up]")
+                key, up = entry
+                if not isinstance(key, str) or not isinstance(up, bool):
+                    raise ValueError(f"entry {entry!r} is not [string, boolean]")
+                changes[key] = up
         except (control.FrameError, KeyError, TypeError, ValueError) as exc:
             log.error("control channel: bad UPSTREAM_STATE: %s", exc)
             return
@@ -374,10 +398,13 @@ class Worker:
 
     # -- running and stopping -----------------------------------------------------------
     def run(self) -> None:
-        """Serve until drained or stopped. The caller owns (and closes) the listeners."""
+        """Serve until drained or stopped. The listeners are closed by ``drain`` or, after
+        an immediate stop, when the process exits."""
         if self._control is not None:
             self._control.setblocking(False)
             self.loop.add(self._control.fileno(), select.EPOLLIN, self._on_control)
+            self.last_heartbeat = self.loop.now
+            self.loop.call_later(self._heartbeat_interval(), self._check_heartbeat)
         self.start_accepting()
         self.send_control(control.encode_json(control.MsgType.READY, self.status()))
         try:
@@ -392,18 +419,47 @@ class Worker:
         """Stop accepting, let connections finish, stop at the graceful deadline."""
         if self.draining:
             return
-        if self._accepting:
-            # Take what is already queued on our sockets until EAGAIN once more, then stop
-            # watching them (bounded: the batches stop at max_connections).
-            for _fd, accept_batch in self._acceptors:
-                while self._accepting and accept_batch() == ACCEPT_BATCH:
-                    pass
-        self._pause_accepting()
+        # Per listening socket: take what is already queued until EAGAIN once more (bounded:
+        # the batches stop at max_connections or the handshake budget), then let go of our
+        # copy at once. Where we are its last holder (a final stop, a listener removed by a
+        # reload), the kernel from now on refuses new clients instead of queueing them for
+        # nobody. A client whose handshake completes between that last accept and the close
+        # is reset: the remaining window, two system calls wide.
+        pairs = list(zip(self._acceptors, self._listeners, strict=True))
+        for (fd, accept_batch), lst in pairs:
+            while self._accepting and accept_batch() == ACCEPT_BATCH:
+                pass
+            self.loop.remove(fd)  # before the close: the number may be reused at once...
+            del self._acceptors[0]  # ...so pause/start_accepting must never see it again
+            lst.sock.close()
+        self._accepting = False
         self.draining = True
         if not self.conns:
             self.loop.stop()
             return
         self.loop.call_later(self.config.server.graceful_timeout, self.stop_now)
+
+    # -- heartbeats from the supervisor -------------------------------------------------
+    def _heartbeat_interval(self) -> float:
+        return min(1.0, self.heartbeat_timeout / 2)
+
+    def _check_heartbeat(self) -> None:
+        """A supervisor that is stopped (SIGSTOP) or hung sends nothing but keeps the channel
+        open: after ``server.heartbeat_timeout`` of silence, drain and exit."""
+        if self.draining:
+            return
+        silent = self.loop.now - self.last_heartbeat
+        if silent > self.heartbeat_timeout:
+            log.warning(
+                "worker %d: no heartbeat from the supervisor for %.1fs "
+                "(server.heartbeat_timeout = %.1fs): draining and exiting",
+                self.worker_id,
+                silent,
+                self.heartbeat_timeout,
+            )
+            self.drain()
+            return
+        self.loop.call_later(self._heartbeat_interval(), self._check_heartbeat)
 
     def stop_now(self) -> None:
         for conn in list(self.conns):
