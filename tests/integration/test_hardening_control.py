@@ -12,6 +12,13 @@ control channel under malformed frames.
   worker must refuse them (FrameError: drain and exit, a bad TICKET_KEYS payload: log and keep
   serving); from the "worker" side the supervisor must refuse them (kill that worker, replace
   it, keep serving). Neither side may crash.
+- UPSTREAM_STATE (active health, supervisor -> worker), by the same rule: a frame over
+  ``MAX_PAYLOAD`` is a FrameError (drain, exit, replaced); a payload that is not
+  ``{"pool": str, "servers": [[key, up], ...]}`` is logged and dropped whole, and the worker
+  keeps serving with its state unchanged; a well-formed one naming a pool or server this
+  generation does not have changes nothing. A frame that never completes stalls the channel:
+  the worker stops answering heartbeats and the supervisor replaces it after
+  ``server.heartbeat_timeout``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import stat
 import struct
 import subprocess
@@ -36,6 +44,7 @@ from edgeterm import control
 from tests.support.configs import write_config
 from tests.support.launcher import run_cli
 from tests.support.supervision import (
+    Supervised,
     admin_status,
     echo_once,
     serving_workers,
@@ -241,13 +250,11 @@ def steal(pid: int, fd: int) -> socket.socket:
     return socket.socket(fileno=new)
 
 
-@pytest.fixture
-def channel(supervised):
-    """(supervised, worker pid, into_worker, into_supervisor): sockets writing into one
-    worker's control channel, as if from the supervisor and as if from the worker."""
+def steal_channel(sv: Supervised) -> tuple[int, socket.socket, socket.socket]:
+    """(worker pid, into_worker, into_supervisor) for slot 0's worker; skips the test where
+    the channel cannot be found or copied."""
     if shutil.which("ss") is None:
         pytest.skip("needs ss (iproute2) to find the control channel")
-    sv = supervised
     worker = serving_workers(sv.status())[0]["pid"]
     sup_fd, worker_fd = channel_fds(sv.server.pid, worker)
     try:
@@ -255,7 +262,15 @@ def channel(supervised):
         into_supervisor = steal(worker, worker_fd)
     except OSError as exc:
         pytest.skip(f"pidfd_getfd is not available here: {exc}")
-    yield sv, worker, into_worker, into_supervisor
+    return worker, into_worker, into_supervisor
+
+
+@pytest.fixture
+def channel(supervised):
+    """(supervised, worker pid, into_worker, into_supervisor): sockets writing into one
+    worker's control channel, as if from the supervisor and as if from the worker."""
+    worker, into_worker, into_supervisor = steal_channel(supervised)
+    yield supervised, worker, into_worker, into_supervisor
     into_worker.close()
     into_supervisor.close()
 
@@ -286,6 +301,9 @@ TO_WORKER = {
     "unknown-type": frame(200, b""),
     "oversized": struct.pack(">IB", control.MAX_PAYLOAD + 1, control.MsgType.TICKET_KEYS),
     "length-4GiB": struct.pack(">IB", 0xFFFFFFFF, control.MsgType.HEARTBEAT),
+    "upstream-state-oversized": struct.pack(
+        ">IB", control.MAX_PAYLOAD + 1, control.MsgType.UPSTREAM_STATE
+    ),
 }
 
 
@@ -311,6 +329,174 @@ def test_worker_keeps_serving_after_a_bad_ticket_ring(channel, client_ctx):
     assert worker in [w["pid"] for w in serving_workers(st)]
     assert_serving(sv, client_ctx)
     assert worker in [w["pid"] for w in serving_workers(sv.status())]
+
+
+# -- UPSTREAM_STATE payloads ------------------------------------------------------------------
+
+# "@KEY@" stands for the JSON string of the pool's one server (the echo upstream), as the
+# worker knows it; a message that took effect on it would close every client of that worker.
+_UP = b'{"pool": "app", "servers": [[@KEY@, false]]}'
+_DEEP = b"[" * 5000 + b"]" * 5000  # past the JSON decoder's recursion limit, well under 64 KiB
+_MANY = json.dumps(
+    {"pool": "app", "servers": [[f"10.0.{i // 250}.{i % 250 + 1}:80", False] for i in range(1000)]}
+).encode()
+
+# refused whole and logged ("control channel: bad UPSTREAM_STATE: ..."), state unchanged
+REFUSED_UPSTREAM_STATES: dict[str, bytes] = {
+    "not-json": b"\xff\xfe not json",
+    "truncated-json": _UP[: len(_UP) // 2],
+    "empty": b"",
+    "not-an-object": b'[["app", [[@KEY@, false]]]]',
+    "missing-pool": b'{"servers": [[@KEY@, false]]}',
+    "missing-servers": b'{"pool": "app"}',
+    "servers-null": b'{"pool": "app", "servers": null}',
+    "servers-a-number": b'{"pool": "app", "servers": 7}',
+    "entry-too-long": b'{"pool": "app", "servers": [[@KEY@, false, 1]]}',
+    "entry-too-short": b'{"pool": "app", "servers": [[@KEY@]]}',
+    "entry-not-a-pair": b'{"pool": "app", "servers": [7]}',
+    "good-entry-then-bad": b'{"pool": "app", "servers": [[@KEY@, false], ["x"]]}',
+    "nested-too-deep": b'{"pool": "app", "servers": ' + _DEEP + b"}",
+    "integer-5000-digits": b'{"pool": "app", "servers": [[@KEY@, ' + b"9" * 5000 + b"]]}",
+}
+# well-formed, about nothing this worker has: ignored without a word, state unchanged
+IGNORED_UPSTREAM_STATES: dict[str, bytes] = {
+    "unknown-pool": b'{"pool": "nope", "servers": [[@KEY@, false]]}',
+    "unknown-server": b'{"pool": "app", "servers": [["127.0.0.1:1", false]]}',
+    "server-named-otherwise": b'{"pool": "app", "servers": [["localhost:@PORT@", false]]}',
+    "pool-not-a-string": b'{"pool": ["app"], "servers": [[@KEY@, false]]}',
+    "a-thousand-unknown-servers": _MANY,
+    "extra-keys": b'{"pool": "app", "servers": [], "x": {"y": [1, 2]}}',
+}
+# Wrong types that a lax reader would coerce (bool(None) is False; "ab" unpacks as two items)
+# and so take the server down: the worker must refuse them whole, like the payloads above.
+LAX_UPSTREAM_STATES: dict[str, tuple[bytes, str]] = {
+    "up-null": (
+        b'{"pool": "app", "servers": [[@KEY@, null]]}',
+        "bool(None) is False: a null `up` marks the server down",
+    ),
+    "entry-a-two-letter-string": (
+        b'{"pool": "app", "servers": [[@KEY@, false], "ab"]}',
+        '"ab" unpacks as ["a", "b"], so the message is applied, not refused',
+    ),
+}
+# written after each case: a bad payload whose log line no case produces, so that once it is
+# in the log the worker has handled the case before it
+_SENTINEL = b'{"pool": "app", "servers": true}'
+_SENTINEL_ERROR = "bad UPSTREAM_STATE: 'bool' object is not iterable"
+
+
+def upstream_state_frame(body: bytes, key: str) -> bytes:
+    port = key.rpartition(":")[2]
+    filled = body.replace(b"@KEY@", json.dumps(key).encode()).replace(b"@PORT@", port.encode())
+    return frame(control.MsgType.UPSTREAM_STATE, filled)
+
+
+def bad_state_lines_until_sentinel(sv: Supervised, worker: int) -> list[str] | None:
+    """The worker's "bad UPSTREAM_STATE" log lines up to and including the sentinel's, once
+    the sentinel's is there."""
+    lines = []
+    for line in sv.server.log().splitlines():
+        if f"edgeterm[{worker}] " in line and "bad UPSTREAM_STATE" in line:
+            lines.append(line)
+            if _SENTINEL_ERROR in line:
+                return lines
+    return None
+
+
+def assert_worker_serves(
+    sv: Supervised, worker: int, client_ctx: ssl.SSLContext, *, at_least: int = 2
+) -> None:
+    """Connections through edgeterm until ``worker`` itself has taken ``at_least`` of them
+    (SO_REUSEPORT spreads them over both workers); each must be served (echoed)."""
+    st = sv.status()
+    base = {w["pid"]: w["accepted"] for w in serving_workers(st)}
+    assert worker in base, f"worker {worker} is not serving: {st['workers']}"
+    made = 0
+    for _round in range(6):
+        for _ in range(8):
+            echo_once(sv.port, client_ctx, b"served %d" % made)
+            made += 1
+        target = sum(base.values()) + made
+
+        def caught_up(s: dict[str, Any], target: int = target) -> bool:
+            return sum(int(w["accepted"]) for w in s["workers"] if w["pid"] in base) >= target
+
+        st = wait_status(
+            sv.admin_socket,
+            caught_up,
+            timeout=5,
+            what=f"the workers' counters to show {made} more connections",
+        )
+        [mine] = [w for w in st["workers"] if w["pid"] == worker]
+        assert not mine["draining"], mine
+        if mine["accepted"] - base[worker] >= at_least:
+            return
+    raise AssertionError(f"worker {worker} took fewer than {at_least} of {made} connections")
+
+
+def send_upstream_state_case(
+    sv: Supervised, worker: int, into_worker: socket.socket, body: bytes
+) -> list[str]:
+    """Write one UPSTREAM_STATE case, then the sentinel; return the case's log lines."""
+    key = sv.cfg["upstreams"]["app"]["servers"][0]
+    into_worker.sendall(
+        upstream_state_frame(body, key) + frame(control.MsgType.UPSTREAM_STATE, _SENTINEL)
+    )
+    lines = wait_until(
+        lambda: bad_state_lines_until_sentinel(sv, worker),
+        timeout=5,
+        what="the worker to handle the message and the sentinel after it",
+    )
+    assert lines is not None
+    return lines[:-1]  # the case's own lines
+
+
+@pytest.mark.parametrize(
+    ("case", "logged"),
+    [(name, True) for name in REFUSED_UPSTREAM_STATES]
+    + [(name, False) for name in IGNORED_UPSTREAM_STATES],
+)
+def test_worker_drops_a_bad_upstream_state_and_keeps_serving(
+    channel, client_ctx: ssl.SSLContext, case: str, logged: bool
+) -> None:
+    sv, worker, into_worker, _ = channel
+    body = {**REFUSED_UPSTREAM_STATES, **IGNORED_UPSTREAM_STATES}[case]
+    lines = send_upstream_state_case(sv, worker, into_worker, body)
+    assert len(lines) == (1 if logged else 0), lines
+    assert "Traceback" not in sv.server.log()
+    # the same worker, its pool's server still up for it: its clients are served
+    assert_worker_serves(sv, worker, client_ctx)
+
+
+@pytest.mark.parametrize("case", list(LAX_UPSTREAM_STATES))
+def test_worker_refuses_an_upstream_state_with_wrong_types(
+    channel, client_ctx: ssl.SSLContext, case: str
+) -> None:
+    sv, worker, into_worker, _ = channel
+    lines = send_upstream_state_case(sv, worker, into_worker, LAX_UPSTREAM_STATES[case][0])
+    assert_worker_serves(sv, worker, client_ctx)  # the server is still up for this worker
+    assert len(lines) == 1, lines  # refused and logged, like the payloads above
+
+
+def test_a_frame_that_never_completes_gets_the_worker_replaced(
+    edgeterm, echo, client_ctx: ssl.SSLContext
+) -> None:
+    """The header promises MAX_PAYLOAD bytes that never come: the worker's decoder waits (it
+    holds at most MAX_PAYLOAD), the supervisor's heartbeats become payload bytes, the worker
+    goes silent, and the heartbeat timeout replaces it."""
+    sv = start_supervised(edgeterm, [echo.addr], heartbeat_timeout=3.0)
+    worker, into_worker, into_supervisor = steal_channel(sv)
+    try:
+        partial = b'{"pool": "app", "servers": [['
+        into_worker.sendall(
+            struct.pack(">IB", control.MAX_PAYLOAD, control.MsgType.UPSTREAM_STATE) + partial
+        )
+        wait_replaced(sv, worker, timeout=15)
+        assert f"worker pid={worker} missed its heartbeats: SIGTERM" in sv.server.log()
+        assert_serving(sv, client_ctx)
+    finally:
+        into_worker.close()
+        into_supervisor.close()
 
 
 TO_SUPERVISOR = {

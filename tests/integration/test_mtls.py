@@ -1,18 +1,36 @@
 """Client certificates (issue 7): ``tls.client_auth = "none" | "optional" | "required"`` with a
 valid, an untrusted, a revoked (CRL) and a missing client certificate; the verified subject CN
 reaches the upstream in the PROXY v2 SSL TLV; a CA or CRL file that does not load is a config
-error naming the key."""
+error naming the key; the CRL file is read again on ``edgeterm reload`` (and a reload with a
+CRL that does not load fails and keeps the old one)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 import ssl
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeterm import proxyproto as pp
 from tests.support.configs import write_config
-from tests.support.launcher import run_cli
-from tests.support.routing import NamedUpstream, make_client_pki, read_name
+from tests.support.launcher import EdgetermFactory, run_cli
+from tests.support.routing import (
+    ClientCert,
+    NamedUpstream,
+    _ca,
+    _leaf,
+    _pem_key,
+    make_client_pki,
+    read_name,
+)
 from tests.support.tlsclient import client_context, connect_tls, recv_exactly
 from tests.support.waiting import wait_until
 
@@ -134,3 +152,91 @@ def test_unloadable_ca_or_crl_is_a_config_error(
     r = run_cli("check-config", "-c", str(path), timeout=60)
     assert r.returncode != 0, (r.stdout, r.stderr)
     assert message in r.stdout + r.stderr, (r.stdout, r.stderr)
+
+
+# -- the CRL is re-read on reload ----------------------------------------------------------------
+
+
+def write_crl(
+    path: Path, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, revoked: list[int]
+) -> None:
+    """A CRL of ``ca`` revoking the serial numbers ``revoked``, put in place atomically (a
+    reader sees the old file or the new one, never a part)."""
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=1))
+    )
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(now - dt.timedelta(minutes=1))
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp, path)
+
+
+def reload_server(config: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli("reload", "-c", str(config), timeout=60)
+
+
+def test_the_crl_file_is_read_again_on_reload(
+    edgeterm: EdgetermFactory, upstream: Callable[..., Any], tmp_path: Path, ca: Path
+) -> None:
+    """bob's certificate is accepted until a new CRL revoking it is in the file *and*
+    ``edgeterm reload`` has run; a CRL file that does not load fails the reload and the
+    server keeps the CRL it had."""
+    now = dt.datetime.now(dt.UTC)
+    client_ca, client_ca_key = _ca("edgeterm reload test CA", now)
+    ca_file, crl_file = tmp_path / "clients.pem", tmp_path / "clients-crl.pem"
+    ca_file.write_bytes(client_ca.public_bytes(serialization.Encoding.PEM))
+    clients: dict[str, ssl.SSLContext] = {}
+    serials: dict[str, int] = {}
+    for cn in ("alice", "bob"):
+        cert, key = _leaf(cn, client_ca, client_ca_key, now)
+        cert_file, key_file = tmp_path / f"{cn}.pem", tmp_path / f"{cn}.key"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(_pem_key(key))
+        clients[cn] = ClientCert(cn, cert_file, key_file).context(ca)
+        serials[cn] = cert.serial_number
+    write_crl(crl_file, client_ca, client_ca_key, [])  # nobody revoked yet
+
+    up = upstream(NamedUpstream, name="up")
+    cfg = edgeterm.config([up.addr])
+    cfg["tls"].update(
+        {"client_auth": "required", "client_ca": str(ca_file), "client_crl": str(crl_file)}
+    )
+    server = edgeterm.start(cfg=cfg)
+    port = server.port()
+    assert attempt(port, clients["alice"]) == "served"
+    assert attempt(port, clients["bob"]) == "served"
+
+    # the new CRL on disk changes nothing by itself: the file is read at start and reload
+    write_crl(crl_file, client_ca, client_ca_key, [serials["bob"]])
+    assert attempt(port, clients["bob"]) == "served"
+
+    r = reload_server(server.config)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert attempt(port, clients["bob"]) == f"refused: {REVOKED}"
+    assert attempt(port, clients["alice"]) == "served"
+
+    # a CRL file that does not load: the reload fails, bob stays revoked, alice served
+    crl_file.write_bytes(b"-----BEGIN X509 CRL-----\nnot base64\n-----END X509 CRL-----\n")
+    r = reload_server(server.config)
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    assert "tls.client_crl" in r.stdout + r.stderr, (r.stdout, r.stderr)
+    assert attempt(port, clients["bob"]) == f"refused: {REVOKED}"
+    assert attempt(port, clients["alice"]) == "served"
+
+    # and the revocation is lifted by the next CRL (and reload) without it
+    write_crl(crl_file, client_ca, client_ca_key, [])
+    r = reload_server(server.config)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert attempt(port, clients["bob"]) == "served"
+    assert len(up.client_connections()) == 6  # exactly the six "served" above

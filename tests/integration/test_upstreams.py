@@ -13,10 +13,15 @@ from __future__ import annotations
 import os
 import ssl
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edgeterm.proxyproto import encode_v1
+from tests.support.counters import closed_total, wait_cli_status, worker_total
+from tests.support.launcher import EdgetermFactory
 from tests.support.routing import NamedUpstream, read_name, tls_after_header
 from tests.support.tlsclient import connect_tls, recv_exactly, recv_to_eof
 
@@ -171,7 +176,9 @@ def test_source_hash_is_sticky_and_moves_only_a_lost_servers_clients(
             assert after[ip] in ("s0", "s1")
 
 
-def test_the_cap_holds_and_the_rest_are_closed_cleanly(edgeterm, upstream, client_ctx):
+def test_the_cap_holds_and_the_rest_are_closed_cleanly(
+    edgeterm: EdgetermFactory, upstream: Callable[..., Any], client_ctx: ssl.SSLContext
+) -> None:
     servers = named(upstream, 2)
     entries = [{"address": s.addr, "max_conns": 3} for s in servers]
     server = edgeterm.start(cfg=pool_config(edgeterm, servers, entries=entries))
@@ -193,11 +200,27 @@ def test_the_cap_holds_and_the_rest_are_closed_cleanly(edgeterm, upstream, clien
         conns += extra
         with connect_tls(port, client_ctx) as s:
             assert recv_to_eof(s, timeout=10) == b""
+        # the four clients closed for lack of room are counted, as upstream_full
+        st = wait_cli_status(
+            server.config,
+            lambda st: closed_total(st, "upstream_full") >= 4,
+            timeout=10,
+            what="4 upstream_full closes in edgeterm status",
+        )
+        assert closed_total(st, "upstream_full") == 4, st["workers"]
+        assert closed_total(st, "upstream_unavailable") == 0, st["workers"]
+        assert worker_total(st, "upstream_unavailable") == 4, st["workers"]  # counts both
+        assert worker_total(st, "upstream_connect_errors") == 0, st["workers"]
     finally:
         close_all(conns)
 
 
-def test_unix_socket_upstream(edgeterm, upstream, client_ctx, tmp_path):
+def test_unix_socket_upstream(
+    edgeterm: EdgetermFactory,
+    upstream: Callable[..., Any],
+    client_ctx: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "up.sock"
     unix = upstream(NamedUpstream, name="unix", unix_path=path)
     proxied = upstream(NamedUpstream, name="unix-proxy", unix_path=tmp_path / "p.sock", proxy=True)
@@ -221,7 +244,7 @@ def test_unix_socket_upstream(edgeterm, upstream, client_ctx, tmp_path):
     [h] = proxied.headers
     assert h.src == ("127.0.0.1", client_port)
     assert h.dst == ("127.0.0.1", server.port("second"))
-    # a missing socket file is a refused server: the client is closed cleanly
+    # a missing socket file is a refused server: the client is closed cleanly, and counted
     unix.close()
     path.unlink(missing_ok=True)
     with connect_tls(server.port(), client_ctx) as s:
@@ -229,3 +252,13 @@ def test_unix_socket_upstream(edgeterm, upstream, client_ctx, tmp_path):
             assert recv_to_eof(s, timeout=10) == b""
         except ssl.SSLError as exc:  # pragma: no cover - would be a failure
             pytest.fail(f"not a clean close: {exc!r}")
+    st = wait_cli_status(
+        server.config,
+        lambda st: closed_total(st, "upstream_unavailable") >= 1,
+        timeout=10,
+        what="an upstream_unavailable close in edgeterm status",
+    )
+    assert closed_total(st, "upstream_unavailable") == 1, st["workers"]
+    assert closed_total(st, "upstream_full") == 0, st["workers"]
+    assert worker_total(st, "upstream_unavailable") == 1, st["workers"]
+    assert worker_total(st, "upstream_connect_errors") == 1, st["workers"]  # the one attempt

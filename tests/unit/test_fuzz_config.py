@@ -3,7 +3,10 @@
 What is added here: every error line must carry a key path that leads into the file (not just
 the file prefix); random *text* (not only valid TOML) is a syntax error, never a crash; several
 mutations at once of a valid config, with awkward keys (quotes, dots, unicode, empty); and a NUL
-character in every string-valued key, one key at a time.
+character in every string-valued key, one key at a time. The valid base uses every part of the
+schema the mutations should reach: two listeners (one with PROXY protocol from a balancer),
+routes (SNI, ALPN, listener scope), pools with weighted and capped servers (IPv6, Unix socket),
+PROXY protocol to the servers, passive and active health, client certificates and a CRL.
 
 The contract (docs/configuration.md): ``load_config`` returns a ``Config`` or raises
 ``ConfigError`` whose lines are ``<file>: <key path>: <problem>`` (or ``<file>: TOML syntax
@@ -27,6 +30,7 @@ from hypothesis import strategies as st
 
 from edgeterm.config_loader import load_config
 from edgeterm.errors import ConfigError
+from tests.support.routing import make_client_pki
 
 SECTIONS = ("server", "listeners", "tls", "upstreams", "timeouts", "limits", "telemetry")
 
@@ -40,17 +44,62 @@ admin_socket = "run/edgeterm.sock"
 name = "https"
 bind = "127.0.0.1:0"
 upstream = "app"
+accept_proxy = "v2"
+proxy_timeout = 5.0
+proxy_from = ["10.0.0.0/8", "127.0.0.1"]
+
+[[listeners]]
+name = "direct"
+bind = "[::1]:0"
+upstream = "api"
 
 [tls]
-alpn = ["http/1.1"]
+alpn = ["h2", "http/1.1"]
+strict_sni = false
+client_auth = "optional"
+client_ca = "client-ca.pem"
+client_crl = "client-crl.pem"
 [[tls.certificates]]
 cert = "site.pem"
 key = "site.key"
 [tls.tickets]
 enabled = true
 
+[[routes]]
+sni = ["example.com", "*.example.com"]
+upstream = "app"
+
+[[routes]]
+sni = "api.example.com"
+alpn = "h2"
+listeners = ["https"]
+upstream = "api"
+
 [upstreams.app]
-servers = ["127.0.0.1:8080"]
+servers = [
+  "127.0.0.1:8080",
+  { address = "[::1]:8081", weight = 2, max_conns = 100 },
+  "unix:app.sock",
+]
+balance = "least_conn"
+proxy_protocol = "v2"
+proxy_tlvs = ["alpn", "authority", "ssl"]
+max_attempts = 2
+
+[upstreams.app.passive]
+fail_threshold = 3
+down_for = 10.0
+
+[upstreams.app.health]
+interval = 5.0
+timeout = 2.0
+rise = 2
+fall = 3
+
+[upstreams.api]
+servers = ["127.0.0.1:8082"]
+balance = "source_hash"
+proxy_protocol = "v1"
 
 [timeouts]
 handshake = 10.0
@@ -129,7 +178,13 @@ odd_keys = st.sampled_from(
 )
 keys = (
     st.sampled_from(
-        [*SECTIONS, "workers", "bind", "name", "upstream", "cert", "key", "servers", "alpn", "user"]
+        [
+            *SECTIONS,
+            *("workers", "bind", "name", "upstream", "cert", "key", "servers", "alpn", "user"),
+            *("routes", "sni", "listeners", "passive", "health", "fail_threshold", "rise"),
+            *("accept_proxy", "proxy_from", "proxy_protocol", "proxy_tlvs", "client_auth"),
+            *("client_ca", "client_crl", "address", "weight", "max_conns"),
+        ]
     )
     | odd_keys
     | st.text(st.characters(max_codepoint=0xFFFF, blacklist_categories=("Cs",)), max_size=6)
@@ -143,7 +198,13 @@ scalars = (
     | st.floats()
     | st.booleans()
     | text_no_nul
-    | st.sampled_from(["auto", "127.0.0.1:0", "[::1]:1", "localhost:99999", "TLSv1.3", "x" * 300])
+    | st.sampled_from(
+        [
+            *("auto", "127.0.0.1:0", "[::1]:1", "localhost:99999", "TLSv1.3", "x" * 300),
+            *("v1", "v2", "any", "none", "optional", "required", "h2", "*.example.com"),
+            *("w*.example.com", "10.0.0.0/33", "unix:", "unix:" + "s" * 120, "app", "api"),
+        ]
+    )
 )
 values = st.recursive(
     scalars,
@@ -202,9 +263,27 @@ mutations = st.lists(
 
 
 def test_the_valid_base_config_loads(fuzz_dir: Path) -> None:
+    """Every part of the base loads, so that mutations start from a config that works."""
     path = fuzz_dir / "valid.toml"
     path.write_text(VALID)
-    assert load_config(path).limits.max_connections == 100
+    config = load_config(path)
+    assert config.limits.max_connections == 100
+    https, direct = config.listeners
+    assert https.accept_proxy == "v2" and len(https.proxy_from) == 2
+    assert direct.upstream == "api"
+    assert config.tls.client_auth == "optional"
+    assert config.tls.client_ca == fuzz_dir / "client-ca.pem"
+    assert config.tls.client_crl == fuzz_dir / "client-crl.pem"
+    assert [r.upstream for r in config.routes] == ["app", "api"]
+    app, api = config.upstreams["app"], config.upstreams["api"]
+    assert [str(a) for a in app.servers] == [
+        "127.0.0.1:8080",
+        "[::1]:8081",
+        f"unix:{fuzz_dir / 'app.sock'}",
+    ]
+    assert app.proxy_protocol == "v2" and app.max_attempts == 2
+    assert app.fail_threshold == 3 and app.health is not None and app.health.rise == 2
+    assert api.proxy_protocol == "v1" and api.health is None
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -268,7 +347,20 @@ def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("fuzz-certs")
     made = selfsigned.generate(directory, ("localhost",), basename="site")
     assert made.cert_path == directory / "site.pem" and made.key_path == directory / "site.key"
+    pki = make_client_pki(directory)  # tls.client_ca and tls.client_crl of the base
+    assert (pki.ca, pki.crl) == (directory / "client-ca.pem", directory / "client-crl.pem")
     return directory
+
+
+def test_the_valid_base_config_builds_its_contexts(cert_dir: Path) -> None:
+    """With its files next to it, the base passes ``check-config``'s two steps, client
+    certificates and CRL included (so a NUL below is what fails, not a missing file)."""
+    from edgeterm.tls import build_contexts
+
+    path = cert_dir / "valid.toml"
+    path.write_text(VALID)
+    config = load_config(path)
+    build_contexts(config.tls, str(path))
 
 
 def load_and_build(path: Path, tree: dict[str, Any] | None = None) -> None:
@@ -293,16 +385,28 @@ STRING_KEYS = [
     (("listeners", 0), "name"),
     (("listeners", 0), "bind"),
     (("listeners", 0), "upstream"),
+    (("listeners", 0), "accept_proxy"),
+    (("listeners", 0), "proxy_from"),
     (("tls",), "min_version"),
     (("tls",), "ciphers"),
     (("tls",), "alpn"),
+    (("tls",), "client_auth"),
+    (("tls",), "client_ca"),
+    (("tls",), "client_crl"),
     (("tls", "certificates", 0), "cert"),
     (("tls", "certificates", 0), "key"),
     (("tls", "tickets"), "key_files"),
+    (("routes", 0), "sni"),
+    (("routes", 1), "alpn"),
+    (("routes", 1), "listeners"),
+    (("routes", 1), "upstream"),
     (("upstreams", "app"), "servers"),
     (("upstreams", "app"), "balance"),
+    (("upstreams", "app"), "proxy_protocol"),
+    (("upstreams", "app"), "proxy_tlvs"),
     (("telemetry",), "otlp_endpoint"),
 ]
+LIST_KEYS = ("alpn", "key_files", "servers", "proxy_from", "proxy_tlvs", "listeners", "sni")
 BUGS: dict[str, str] = {}  # keys whose NUL crashed the loader (fixed)
 
 
@@ -322,7 +426,7 @@ def test_nul_in_every_string_key(cert_dir: Path, table: tuple[Any, ...], key: st
     for part in table:
         target = target.setdefault(part, {}) if isinstance(part, str) else target[part]
     bad = "in\x00side"
-    target[key] = [bad] if key in ("alpn", "key_files", "servers") else bad
+    target[key] = [bad] if key in LIST_KEYS else bad
     path = cert_dir / "nul.toml"
     path.write_text(tomli_w.dumps(tree))
     load_and_build(path, tree)
