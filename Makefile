@@ -65,7 +65,7 @@ clean:
 # Benchmarks (issue 5; see loadtest/ and BENCHMARKS.md): edgeterm against haproxy and nginx,
 # loopback only. Needs haproxy, nginx with libnginx-mod-stream, cc and libssl-dev; installs none
 # of them and says which apt package is missing.
-#   make bench        - every scenario, every target, 3 interleaved rounds (about 15 minutes);
+#   make bench        - every scenario, every target, 3 interleaved rounds (about 22 minutes);
 #                       raw results in loadtest/results/, charts in loadtest/charts/
 #   make bench-smoke  - CI, about a minute: edgeterm against haproxy; fails on a gross regression
 #                       (CPU per full handshake > 1.5x haproxy's) or any client error
