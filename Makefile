@@ -67,8 +67,9 @@ clean:
 # of them and says which apt package is missing.
 #   make bench        - every scenario, every target, 3 interleaved rounds (about 22 minutes);
 #                       raw results in loadtest/results/, charts in loadtest/charts/
-#   make bench-smoke  - CI, about a minute: edgeterm against haproxy; fails on a gross regression
-#                       (CPU per full handshake > 1.5x haproxy's) or any client error
+#   make bench-smoke  - CI, about 80 s: edgeterm against haproxy, 2 rounds; fails on a gross
+#                       regression (CPU per full handshake > 1.5x haproxy's in every round)
+#                       or any client error
 # BENCH_ARGS adds options, e.g. BENCH_ARGS="--edgeterm-src HEAD" measures the last commit
 # (a frozen snapshot) instead of the work tree that others may be editing meanwhile.
 BENCH_ARGS ?=
