@@ -113,6 +113,8 @@ def not_ready(
         (w for w in st["workers"] if w["generation"] == generation), key=lambda w: w["slot"]
     )
     reasons: list[str] = []
+    if st.get("stopping"):
+        reasons.append("edgeterm is stopping")
     for w in serving:
         who = f"worker {w['slot']} (pid {w['pid']})"
         if w.get("draining"):

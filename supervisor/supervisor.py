@@ -895,6 +895,7 @@ class Supervisor:
         return {
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 3),
+            "stopping": self.stopping,  # a graceful stop is under way: not ready
             "generation": self.serving.number,
             "config": os.path.abspath(self.config_file),
             "loaded_at": self.serving.loaded_at,

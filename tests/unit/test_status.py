@@ -123,6 +123,11 @@ def test_a_starting_or_draining_serving_worker_is_not_ready() -> None:
     assert len(not_ready(st)) == 2 and "draining" in not_ready(st)[0]
 
 
+def test_a_stopping_server_is_not_ready_before_its_workers_drain() -> None:
+    st = {**STATUS, "stopping": True}
+    assert not_ready(st) == ["edgeterm is stopping"]
+
+
 def test_a_missing_slot_is_not_ready() -> None:
     # slot 0 died and waits for its restart back-off: it has no entry at all
     gap = status(workers=[worker(1, 202)])
