@@ -33,7 +33,7 @@ from tests.support.supervision import (
     wait_pids_gone,
     wait_status,
 )
-from tests.support.tlsclient import HOST, connect_tls, recv_exactly
+from tests.support.tlsclient import HOST, close_cleanly, connect_tls, echo_exchange
 from tests.support.upstreams import EchoUpstream
 from tests.support.waiting import wait_until
 
@@ -55,18 +55,6 @@ def refused(port: int) -> bool:
     return False
 
 
-def exchange(sock: ssl.SSLSocket, data: bytes) -> None:
-    sock.sendall(data)
-    assert recv_exactly(sock, len(data), timeout=10) == data
-
-
-def close_cleanly(sock: ssl.SSLSocket) -> None:
-    """Our close_notify; then edgeterm's, passed on once the echo upstream has closed."""
-    sock.settimeout(10)
-    sock.unwrap()
-    sock.close()
-
-
 def test_a_graceful_stop_refuses_new_clients_at_once_and_finishes_the_held_one(
     edgeterm: EdgetermFactory, echo: EchoUpstream, client_ctx: ssl.SSLContext
 ) -> None:
@@ -76,7 +64,7 @@ def test_a_graceful_stop_refuses_new_clients_at_once_and_finishes_the_held_one(
     held = connect_tls(port, client_ctx)
     stop = None
     try:
-        exchange(held, b"before the stop")
+        echo_exchange(held, b"before the stop")
         sv.server.stopped_by_us = True
         t0 = time.monotonic()
         stop = subprocess.Popen(
@@ -93,7 +81,7 @@ def test_a_graceful_stop_refuses_new_clients_at_once_and_finishes_the_held_one(
         # still draining: the supervisor and the held connection's worker are there
         assert sv.server.running() and stop.poll() is None
         assert refused(port), "the port accepted again"
-        exchange(held, b"after the refusal, the held connection still works")
+        echo_exchange(held, b"after the refusal, the held connection still works")
         close_cleanly(held)
         out, err = stop.communicate(timeout=20)
     finally:
@@ -128,7 +116,7 @@ def test_a_listener_removed_by_reload_refuses_at_once_while_its_connections_fini
         r = run_cli("reload", "-c", str(sv.config), timeout=60)
         assert r.returncode == 0, (r.stdout, r.stderr)
         held = connect_tls(port2, client_ctx)
-        exchange(held, b"on the second listener")
+        echo_exchange(held, b"on the second listener")
 
         write_config(sv.config, sv.cfg)  # the second listener goes
         t0 = time.monotonic()
@@ -141,7 +129,7 @@ def test_a_listener_removed_by_reload_refuses_at_once_while_its_connections_fini
         # generation 2 is still draining the held connection, on the removed listener
         st = sv.status()
         assert any(w["generation"] == 2 and w["draining"] for w in st["workers"]), st["workers"]
-        exchange(held, b"the held connection outlives its listener")
+        echo_exchange(held, b"the held connection outlives its listener")
         close_cleanly(held)
         held = None
         loop.wait_ok(20, timeout=10)
@@ -168,7 +156,7 @@ def test_an_immediate_stop_ends_at_once_with_close_notify(
     workers = [w["pid"] for w in serving_workers(sv.status())]
     held = connect_tls(sv.port, client_ctx)
     try:
-        exchange(held, b"held")
+        echo_exchange(held, b"held")
         sv.server.stopped_by_us = True
         t0 = time.monotonic()
         if how == "SIGQUIT":

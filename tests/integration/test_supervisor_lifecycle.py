@@ -37,7 +37,7 @@ from tests.support.supervision import (
     wait_pids_gone,
     wait_status,
 )
-from tests.support.tlsclient import HOST, connect_tls, recv_exactly
+from tests.support.tlsclient import HOST, close_cleanly, connect_tls, echo_exchange
 from tests.support.upstreams import EchoUpstream
 from tests.support.waiting import wait_until
 
@@ -51,17 +51,6 @@ def daemons() -> Iterator[Daemons]:
     d = Daemons()
     yield d
     d.close()
-
-
-def exchange(sock: ssl.SSLSocket, data: bytes) -> None:
-    sock.sendall(data)
-    assert recv_exactly(sock, len(data), timeout=10) == data
-
-
-def close_cleanly(sock: ssl.SSLSocket) -> None:
-    sock.settimeout(10)
-    sock.unwrap()
-    sock.close()
 
 
 def refused(port: int) -> bool:
@@ -132,7 +121,7 @@ def test_after_sigkill_of_the_supervisor_the_workers_drain_and_exit(
     workers = [w["pid"] for w in serving_workers(sv.status())]
     held = connect_tls(port, client_ctx)
     try:
-        exchange(held, b"before")
+        echo_exchange(held, b"before")
         sv.server.stopped_by_us = True  # a SIGKILL exit is what this test is about
         os.kill(sv.server.pid, signal.SIGKILL)
         t0 = time.monotonic()
@@ -142,7 +131,7 @@ def test_after_sigkill_of_the_supervisor_the_workers_drain_and_exit(
         print(f"supervisor killed: new connections refused after {refused_after * 1000:.0f} ms")
         assert refused_after < 2.0
         assert not all(pid_gone(p) for p in workers), "the worker holding a connection left"
-        exchange(held, b"the held connection finishes without its supervisor")
+        echo_exchange(held, b"the held connection finishes without its supervisor")
         close_cleanly(held)
     finally:
         held.close()
@@ -160,7 +149,7 @@ def test_workers_drain_and_exit_when_the_supervisor_stops_answering(
     held = connect_tls(sv.port, client_ctx)
     marker = "no heartbeat from the supervisor"
     try:
-        exchange(held, b"before")
+        echo_exchange(held, b"before")
         os.kill(sv.server.pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
@@ -174,7 +163,7 @@ def test_workers_drain_and_exit_when_the_supervisor_stops_answering(
             # SIGSTOP; workers look every min(1, timeout / 2) seconds
             print(f"supervisor stopped: workers drained after {noticed:.1f}s (timeout {timeout})")
             assert timeout - 1.0 <= noticed < timeout + 3.0, noticed
-            exchange(held, b"the held connection finishes during the drain")
+            echo_exchange(held, b"the held connection finishes during the drain")
             close_cleanly(held)
             wait_pids_gone(workers, timeout=10, what="the workers to exit")
         finally:

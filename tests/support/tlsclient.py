@@ -385,3 +385,16 @@ def s_client_handshake_only(
         timeout=timeout,
     )
     return SClientResult(p.returncode, p.stdout, p.stderr.decode(errors="replace"))
+
+
+def echo_exchange(sock: ssl.SSLSocket, data: bytes) -> None:
+    """Send ``data`` through an echo upstream and check that exactly it comes back."""
+    sock.sendall(data)
+    assert recv_exactly(sock, len(data), timeout=10) == data
+
+
+def close_cleanly(sock: ssl.SSLSocket) -> None:
+    """Our close_notify, then the server's (passed on once the echo upstream has closed)."""
+    sock.settimeout(10)
+    sock.unwrap()
+    sock.close()
