@@ -277,7 +277,7 @@ def status(config_file: str, as_json: bool, ready: bool) -> None:
     if ready:
         reasons = view.not_ready(
             st,
-            expected_workers=_expected_workers(config, config_file, st),
+            expected_workers=st.get("slots"),
             process_problem=_process_checker(st),
         )
         if reasons:
@@ -289,21 +289,6 @@ def status(config_file: str, as_json: bool, ready: bool) -> None:
     if not as_json:
         for line in view.render_text(st):
             click.echo(line)
-
-
-def _expected_workers(config: Config, config_file: str, st: dict[str, Any]) -> int | None:
-    """How many workers the serving generation has, when this CLI can know it: the config it
-    read is the supervisor's file, unchanged since the serving generation loaded it. "auto"
-    counts the supervisor's CPUs, as the supervisor did."""
-    try:
-        same = Path(config_file).resolve() == Path(st["config"]).resolve()
-        if not same or os.stat(config_file).st_mtime > float(st["loaded_at"]):
-            return None
-        if config.server.workers == "auto":
-            return max(1, len(os.sched_getaffinity(int(st["pid"]))))
-        return config.server.workers
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
 
 
 def _process_checker(st: dict[str, Any]) -> Callable[[int], str | None] | None:

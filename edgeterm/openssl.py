@@ -109,20 +109,31 @@ class _DlInfo(ctypes.Structure):
     ]
 
 
+def _maps() -> list[tuple[int, int, str, str]]:
+    """(start, end, permissions, path or "") of every mapping of this process, in address
+    order, from /proc/self/maps."""
+    out = []
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        for line in maps:
+            fields = line.split(None, 5)
+            if len(fields) < 2:
+                continue
+            lo, _, hi = fields[0].partition("-")
+            path = fields[5].strip() if len(fields) == 6 else ""
+            out.append((int(lo, 16), int(hi, 16), fields[1], path))
+    return out
+
+
 def _mapped_libssl_paths() -> list[str]:
     """Distinct ``libssl.so*`` files mapped into this process, in mapping order."""
     paths: list[str] = []
     try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(None, 5)
-                if len(fields) < 6:
-                    continue
-                path = fields[5].strip()
-                if os.path.basename(path).startswith("libssl.so") and path not in paths:
-                    paths.append(path)
+        maps = _maps()
     except OSError:
         return []
+    for _lo, _hi, _perms, path in maps:
+        if os.path.basename(path).startswith("libssl.so") and path not in paths:
+            paths.append(path)
     return paths
 
 
@@ -385,19 +396,6 @@ def secure_heap_used() -> int:
     return int(lib.CRYPTO_secure_used())
 
 
-def _maps() -> list[tuple[int, int, str]]:
-    """(start, end, permissions) of every mapping of this process, in address order."""
-    out = []
-    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-        for line in maps:
-            fields = line.split(None, 2)
-            if len(fields) < 2:
-                continue
-            lo, _, hi = fields[0].partition("-")
-            out.append((int(lo, 16), int(hi, 16), fields[1]))
-    return out
-
-
 def _vma_flags(start: int) -> set[str] | None:
     """The kernel's flags (``VmFlags`` in /proc/self/smaps: ``lo`` locked, ``dd`` not dumped)
     of the mapping that starts at ``start``; None when there is none or smaps is unreadable."""
@@ -431,10 +429,10 @@ def _locate_secure_heap(size: int) -> SecureHeap | None:
         return None
     finally:
         lib.CRYPTO_secure_free(probe, b"edgeterm", 0)
-    for i, (lo, hi, perms) in enumerate(maps):
+    for i, (lo, hi, perms, _path) in enumerate(maps):
         if lo <= probe < hi:
-            before = maps[i - 1] if i > 0 else (0, 0, "")
-            after = maps[i + 1] if i + 1 < len(maps) else (0, 0, "")
+            before = maps[i - 1] if i > 0 else (0, 0, "", "")
+            after = maps[i + 1] if i + 1 < len(maps) else (0, 0, "", "")
             guarded = before[1] == lo and before[2].startswith("---")
             guarded = guarded and after[0] == hi and after[2].startswith("---")
             if hi - lo == size and perms.startswith("rw") and guarded:
@@ -455,7 +453,7 @@ def lock_secure_heap() -> tuple[bool | None, str]:
         return None, "OpenSSL secure heap: none to lock"
     kib = heap.size // 1024
     try:
-        mapped = any(lo == heap.start and hi == heap.start + heap.size for lo, hi, _ in _maps())
+        mapped = any(lo == heap.start and hi == heap.start + heap.size for lo, hi, _, _ in _maps())
     except OSError as exc:
         return False, f"OpenSSL secure heap ({kib} KiB): not locked (/proc/self/maps: {exc})"
     if not mapped:

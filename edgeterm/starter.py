@@ -73,7 +73,8 @@ LAYOUT: tuple[Section, ...] = (
             (
                 "heartbeat_timeout",
                 "Seconds a worker may leave the supervisor's heartbeat unanswered before it is\n"
-                "replaced. Default: 10.0.",
+                "replaced, and a worker waits for one before it drains. At least 2.0.\n"
+                "Default: 10.0.",
             ),
         ),
     ),

@@ -103,7 +103,7 @@ def not_ready(
 ) -> list[str]:
     """Why the serving generation is not ready; ``[]`` when it is.
 
-    ``expected_workers``: the slots the serving generation has, when the caller knows them (a
+    ``expected_workers``: the slots the serving generation has (the supervisor's ``slots``: a
     slot whose worker died and waits for its restart back-off has no entry in the JSON);
     without it, only gaps below the highest slot are seen. ``process_problem(pid)``: what is
     wrong with a worker process that the supervisor has not noticed yet (stopped, exited), or

@@ -897,6 +897,7 @@ class Supervisor:
             "uptime": round(time.time() - self.started, 3),
             "stopping": self.stopping,  # a graceful stop is under way: not ready
             "generation": self.serving.number,
+            "slots": len(self.serving.slots),  # workers the serving generation runs
             "config": os.path.abspath(self.config_file),
             "loaded_at": self.serving.loaded_at,
             "reloads": {

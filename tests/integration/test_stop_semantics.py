@@ -14,7 +14,6 @@ import copy
 import signal
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.support.configs import write_config
-from tests.support.launcher import EdgetermFactory, edgeterm_command, run_cli
+from tests.support.launcher import EdgetermFactory, run_cli, spawn_cli
 from tests.support.supervision import (
     ClientLoop,
     echo_once,
@@ -67,13 +66,7 @@ def test_a_graceful_stop_refuses_new_clients_at_once_and_finishes_the_held_one(
         echo_exchange(held, b"before the stop")
         sv.server.stopped_by_us = True
         t0 = time.monotonic()
-        stop = subprocess.Popen(
-            [*edgeterm_command(), "stop", "-c", str(sv.config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            stdin=subprocess.DEVNULL,
-        )
+        stop = spawn_cli("stop", "-c", str(sv.config))
         wait_until(lambda: refused(port), timeout=REFUSED_WITHIN + 5, what="a refused connect")
         refused_after = time.monotonic() - t0
         print(f"graceful stop: new connections refused {refused_after * 1000:.0f} ms after stop")

@@ -5,12 +5,11 @@ close the rest, exit; the command waits for the exit. The pidfile and admin sock
 from __future__ import annotations
 
 import socket
-import subprocess
 import time
 
 import pytest
 
-from tests.support.launcher import edgeterm_command, run_cli
+from tests.support.launcher import run_cli, spawn_cli
 from tests.support.supervision import EchoTransfer, MiB, pid_gone, start_supervised
 from tests.support.tlsclient import connect_tls, recv_exactly
 from tests.support.waiting import wait_until
@@ -26,13 +25,7 @@ def test_stop_lets_an_in_flight_transfer_complete(edgeterm, echo, client_ctx):
     transfer.wait_received(1 * MiB, timeout=10)
 
     sv.server.stopped_by_us = True
-    stop = subprocess.Popen(
-        [*edgeterm_command(), "stop", "-c", str(sv.config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
+    stop = spawn_cli("stop", "-c", str(sv.config))
     try:
         wait_until(
             lambda: "graceful stop" in sv.server.log(),

@@ -548,6 +548,16 @@ BALANCED_CLIENTS = {
 }
 
 
+def traced_and_logged(collector: OtlpReceiver, log_file: Path) -> dict[str, object]:
+    """``[telemetry]`` with every connection traced to ``collector`` and access-logged."""
+    return {
+        "otlp_endpoint": collector.endpoint,
+        "sample_ratio": 1.0,
+        "access_log": True,
+        "access_log_file": str(log_file),
+    }
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_client_address_from_a_proxy_header_in_spans_and_access_log(
     edgeterm: EdgetermFactory,
@@ -563,12 +573,7 @@ def test_client_address_from_a_proxy_header_in_spans_and_access_log(
     sv = start(
         edgeterm,
         [echo.addr],
-        telemetry={
-            "otlp_endpoint": collector.endpoint,
-            "sample_ratio": 1.0,
-            "access_log": True,
-            "access_log_file": str(log_file),
-        },
+        telemetry=traced_and_logged(collector, log_file),
         listeners=[{**listener, "accept_proxy": version, "proxy_timeout": 2.0}],
     )
     src, dst = BALANCED_CLIENTS[version]
@@ -604,12 +609,7 @@ def test_client_certificate_subject_in_spans_and_access_log(
     sv = start(
         edgeterm,
         [echo.addr],
-        telemetry={
-            "otlp_endpoint": collector.endpoint,
-            "sample_ratio": 1.0,
-            "access_log": True,
-            "access_log_file": str(log_file),
-        },
+        telemetry=traced_and_logged(collector, log_file),
         tls={"client_auth": "optional", "client_ca": str(pki.ca)},
     )
     with_cert = exchange(sv.port, pki.valid.context(ca, alpn=["http/1.1"]))

@@ -50,6 +50,18 @@ def run_cli(
     )
 
 
+def spawn_cli(*args: str) -> subprocess.Popen[str]:
+    """Start ``edgeterm <args>`` in the background (stdout and stderr piped, as text); the
+    caller bounds it with ``communicate(timeout=...)`` and kills it if it outlives the test."""
+    return subprocess.Popen(
+        [*edgeterm_command(), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 class ServerDied(AssertionError):
     pass
 
